@@ -1,0 +1,33 @@
+# `make test` and `make demo` set up everything they need: .venv, the package, its extras.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch (a local file on this project's machines); an unpinned torch pulls CUDA.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,notebooks,real
+
+.PHONY: install test test-fast demo lint bench notebooks clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -x -m "not slow"
+
+lint: install
+	$(PY) -m ruff check allocation tests
+
+demo: install
+	$(VENV)/bin/allocation solve --random 8x16 --seed 0 --topk 2
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

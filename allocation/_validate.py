@@ -1,0 +1,46 @@
+"""Input checks shared by the exact solvers and the torch rules."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import AllocationError
+
+try:
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None
+
+
+def check_scores_numpy(scores, name: str = "scores") -> np.ndarray:
+    """Return ``scores`` as a finite float64 (n, F) array, or raise naming the problem."""
+    if torch is not None and isinstance(scores, torch.Tensor):
+        scores = scores.detach().to("cpu", dtype=torch.float64).numpy()
+    array = np.asarray(scores)
+    if array.dtype.kind not in "biuf":
+        raise AllocationError(f"{name} must be a real numeric matrix, got dtype {array.dtype}")
+    array = array.astype(np.float64, copy=False)
+    _check_shape_and_values(array.shape, lambda: np.isfinite(array).all(), name)
+    return array
+
+
+def check_scores_torch(scores, name: str = "scores") -> "torch.Tensor":
+    """Check ``scores`` is a finite floating (n, F) torch tensor; return it unchanged."""
+    if not isinstance(scores, torch.Tensor):
+        raise AllocationError(
+            f"{name} must be a torch.Tensor, got {type(scores).__name__}; "
+            "wrap it with torch.as_tensor(...) or use allocation.solve for numpy input"
+        )
+    if not scores.is_floating_point():
+        raise AllocationError(f"{name} must be a floating tensor, got {scores.dtype}; call .float() first")
+    _check_shape_and_values(tuple(scores.shape), lambda: bool(torch.isfinite(scores).all()), name)
+    return scores
+
+
+def _check_shape_and_values(shape, all_finite, name: str) -> None:
+    if len(shape) != 2:
+        raise AllocationError(f"{name} must be a 2-D (n_tokens, n_features) matrix, got shape {tuple(shape)}")
+    if shape[0] == 0 or shape[1] == 0:
+        raise AllocationError(f"{name} is empty (shape {tuple(shape)}); pass at least one token and one feature")
+    if not all_finite():
+        raise AllocationError(f"{name} contains NaN or inf; clean the encoder output before allocating")

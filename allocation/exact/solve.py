@@ -1,0 +1,80 @@
+"""``solve(scores, constraints, backend)``: the exact optimum of the allocation LP."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .._validate import check_scores_numpy
+from ..constraints import Constraints
+from ..errors import AllocationError, SolverError
+from .lp import build_lp
+from .result import Allocation
+
+BACKENDS = ("scipy", "cvxpy", "milp")
+
+INTEGRALITY_TOLERANCE = 1e-6
+
+
+def solve(scores, constraints: Constraints, backend: str = "scipy") -> Allocation:
+    """Exact max <S, M> over 0/1 masks M within ``constraints``; returns mask, objective and prices.
+
+    ``scores`` is an (n, F) numpy array or torch tensor (finite). Backends: ``"scipy"`` (sparse
+    HiGHS LP, the default and fastest), ``"cvxpy"`` (the textbook formulation through cvxpy) and
+    ``"milp"`` (scipy's integer solver, no prices; small cases only).
+    """
+    if not isinstance(constraints, Constraints):
+        raise AllocationError(
+            f"constraints must be an allocation.Constraints, got {type(constraints).__name__}; "
+            "build one with Constraints.topk(k), .feature_choice(m) or .mutual_choice(total)"
+        )
+    if backend not in BACKENDS:
+        raise AllocationError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    scores = check_scores_numpy(scores)
+    caps = constraints.resolve(*scores.shape)
+    start = time.perf_counter()
+    if backend == "cvxpy":
+        from .cvxpy_backend import solve_cvxpy
+
+        if not np.any(scores > 0):
+            matrix, prices = np.zeros(scores.shape), _zero_prices(caps)
+        else:
+            matrix, prices = solve_cvxpy(scores, caps)
+        mask = _round(matrix, backend)
+    else:
+        from .scipy_backend import solve_linprog, solve_milp
+
+        lp = build_lp(scores, caps)
+        if lp.objective.size == 0:
+            x, prices = np.zeros(0), _zero_prices(caps)
+        else:
+            x, prices = (solve_linprog if backend == "scipy" else solve_milp)(lp)
+        mask = np.zeros(scores.shape, dtype=bool)
+        mask[lp.rows, lp.cols] = _round(x, backend)
+    seconds = time.perf_counter() - start
+    mask &= scores > 0
+    objective = float(scores[mask].sum())
+    token_prices, feature_prices, budget_price = prices
+    return Allocation(mask, objective, token_prices, feature_prices, budget_price, backend, seconds)
+
+
+def _round(x: np.ndarray, backend: str) -> np.ndarray:
+    """Round an LP vertex to 0/1, raising if it is not integral (it must be: the LP is TU)."""
+    x = np.asarray(x, dtype=np.float64)
+    rounded = np.round(x)
+    gap = float(np.max(np.abs(x - rounded), initial=0.0))
+    if gap > INTEGRALITY_TOLERANCE:
+        raise SolverError(
+            f"{backend} returned a non-integral solution (max distance to 0/1 = {gap:.3g}); "
+            "the allocation LP is totally unimodular, so this is a solver failure"
+        )
+    return rounded > 0.5
+
+
+def _zero_prices(caps):
+    """Prices when no score is positive: every cap is slack, so every price is 0."""
+    token = np.zeros(caps.n_tokens) if caps.per_token is not None else None
+    feature = np.zeros(caps.n_features) if caps.per_feature is not None else None
+    budget = 0.0 if caps.total is not None else None
+    return token, feature, budget

@@ -1,0 +1,145 @@
+"""PyTorch allocation rules: TopK, Feature Choice, Mutual Choice and their laminar mixes.
+
+Every rule is one greedy core, ``select_top``, applied along a dimension: per row (TopK), per
+column (Feature Choice) or over the whole matrix (Mutual Choice). Greedy is exact whenever the caps
+form one laminar family (token caps and/or a budget, or feature caps and/or a budget); caps on
+tokens AND features together need the exact solver. Only positive scores are ever selected.
+Masks are ``bool`` tensors on the scores' device; ties are broken by ``torch.topk``, so exactly the
+cap is selected (objectives, not masks, are unique).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._validate import check_scores_torch
+from .constraints import CapLike, Constraints, _as_cap, _expand
+from .errors import AllocationError, NotGreedyExactError
+
+Cap = Union[int, np.ndarray, Tensor, list, tuple]
+
+
+def select_top(scores: Tensor, count: Union[int, Tensor], dim: Optional[int]) -> Tensor:
+    """Greedy core: the ``count`` largest positive scores per slice along ``dim`` (None = all).
+
+    ``count`` is an int, or for dim 0 / 1 a vector with one count per column / row. Returns a bool
+    mask of ``scores``' shape.
+    """
+    if dim is None:
+        flat = scores.reshape(-1)
+        kept = min(int(count), flat.numel())
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        if kept > 0:
+            values, index = flat.topk(kept, sorted=False)
+            mask[index] = values > 0
+        return mask.view_as(scores)
+    size = scores.shape[dim]
+    if isinstance(count, Tensor):
+        largest = min(int(count.max()), size) if count.numel() else 0
+    else:
+        largest = min(int(count), size)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if largest == 0:
+        return mask
+    uniform = not isinstance(count, Tensor)
+    values, index = scores.topk(largest, dim=dim, sorted=not uniform)
+    keep = values > 0
+    if not uniform:  # the j-th largest of a slice is kept iff j < that slice's count
+        rank = torch.arange(largest, device=scores.device)
+        rank = rank[None, :] if dim == 1 else rank[:, None]
+        slice_count = count.to(scores.device)[:, None] if dim == 1 else count.to(scores.device)[None, :]
+        keep &= rank < slice_count
+    return mask.scatter_(dim, index, keep)
+
+
+def _cap_for_torch(cap: CapLike, name: str, length: int, axis: str) -> Union[int, Tensor]:
+    """A validated cap (required) as an int, or as an int64 tensor of the right length."""
+    validated = _as_cap(cap, name)
+    if validated is None:
+        raise AllocationError(f"{name} is required, got None")
+    if isinstance(validated, int):
+        return validated
+    return _as_count(_expand(validated, length, name, axis))
+
+
+def topk(scores: Tensor, k: Cap) -> Tensor:
+    """TopK mask: max <S, M> s.t. M 1 <= k (each token keeps its k largest positive scores)."""
+    check_scores_torch(scores)
+    return select_top(scores, _cap_for_torch(k, "k", scores.shape[0], "tokens"), dim=1)
+
+
+def feature_choice(scores: Tensor, m: Cap) -> Tensor:
+    """Feature Choice mask: max <S, M> s.t. M^T 1 <= m (feature j keeps its m_j best tokens)."""
+    check_scores_torch(scores)
+    return select_top(scores, _cap_for_torch(m, "m", scores.shape[1], "features"), dim=0)
+
+
+def mutual_choice(scores: Tensor, total: int) -> Tensor:
+    """Mutual Choice mask: max <S, M> s.t. 1^T M 1 <= total (the largest positive entries)."""
+    check_scores_torch(scores)
+    return select_top(scores, _cap_for_torch(total, "total", 1, "budgets"), dim=None)
+
+
+def allocate(scores: Tensor, constraints: Constraints) -> Tensor:
+    """Exact mask for any laminar ``constraints``: per-family greedy, then the budget over the rest.
+
+    Raises NotGreedyExactError for per-token AND per-feature caps (no greedy rule is exact there;
+    use ``allocation.solve`` for the exact optimum).
+    """
+    check_scores_torch(scores)
+    if not isinstance(constraints, Constraints):
+        raise AllocationError(f"constraints must be an allocation.Constraints, got {type(constraints).__name__}")
+    if not constraints.greedy_exact:
+        raise NotGreedyExactError(
+            f"{constraints} caps tokens AND features: greedy selection is not optimal there "
+            "(e.g. S=[[10, 9], [9, 0]] with one per row and column: greedy 10, optimum 18). "
+            "Use allocation.solve(scores, constraints) for the exact optimum."
+        )
+    caps = constraints.resolve(*scores.shape)
+    mask = None
+    if caps.per_token is not None:
+        mask = select_top(scores, _as_count(caps.per_token), dim=1)
+    if caps.per_feature is not None:
+        mask = select_top(scores, _as_count(caps.per_feature), dim=0)
+    if caps.total is not None:
+        candidates = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+        mask = select_top(candidates, caps.total, dim=None)
+    if mask is None:  # unconstrained: every positive score
+        mask = scores > 0
+    return mask
+
+
+def _as_count(cap: np.ndarray) -> Union[int, Tensor]:
+    """A cap vector as an int when all entries agree (the faster uniform path), else a tensor."""
+    if cap.size and np.all(cap == cap[0]):
+        return int(cap[0])
+    return torch.from_numpy(cap.copy())
+
+
+def activations(scores: Tensor, mask: Tensor) -> Tensor:
+    """Sparse activations f = S * M; gradients flow to the kept scores only."""
+    return torch.where(mask, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+
+
+def topk_activations(scores: Tensor, k: Cap) -> Tensor:
+    """TopK activations: the kept scores, zeros elsewhere (differentiable in the kept scores)."""
+    return activations(scores, topk(scores, k))
+
+
+def feature_choice_activations(scores: Tensor, m: Cap) -> Tensor:
+    """Feature Choice activations: the kept scores, zeros elsewhere."""
+    return activations(scores, feature_choice(scores, m))
+
+
+def mutual_choice_activations(scores: Tensor, total: int) -> Tensor:
+    """Mutual Choice activations: the kept scores, zeros elsewhere."""
+    return activations(scores, mutual_choice(scores, total))
+
+
+def allocate_activations(scores: Tensor, constraints: Constraints) -> Tensor:
+    """Activations of ``allocate``: the kept scores, zeros elsewhere."""
+    return activations(scores, allocate(scores, constraints))
