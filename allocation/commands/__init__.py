@@ -1,0 +1,1 @@
+"""Sub-commands of the ``allocation`` CLI; each module defines ``register(subparsers)``."""
