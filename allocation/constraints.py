@@ -43,11 +43,13 @@ def _as_cap(value: CapLike, name: str) -> Union[int, np.ndarray, None]:
     if torch is not None and isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     array = np.asarray(value)
+    if array.dtype.kind not in "iuf":
+        raise AllocationError(f"{name} must hold finite integers, got {type(value).__name__} {value!r}")
     if array.ndim == 0:
         return _as_cap(array.item(), name)
     if array.ndim != 1:
         raise AllocationError(f"{name} must be an int or a 1-D vector, got shape {array.shape}")
-    if array.dtype.kind not in "iuf" or not np.all(np.isfinite(array)):
+    if not np.all(np.isfinite(array)):
         raise AllocationError(f"{name} must hold finite integers, got dtype {array.dtype}")
     if np.any(array != np.round(array)):
         raise AllocationError(f"{name} must hold integers; round the capacities before passing them")

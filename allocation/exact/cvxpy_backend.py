@@ -9,7 +9,8 @@ from ..constraints import ResolvedCaps
 from ..errors import SolverError
 
 # HiGHS' presolve is pathological on the dense budget row (DESIGN.md section 4): off when it exists.
-BUDGET_HIGHS_OPTIONS = {"presolve": "off"}
+QUIET = {"output_flag": False}
+BUDGET_HIGHS_OPTIONS = {**QUIET, "presolve": "off"}
 
 
 def solve_cvxpy(scores: np.ndarray, caps: ResolvedCaps):
@@ -34,7 +35,7 @@ def solve_cvxpy(scores: np.ndarray, caps: ResolvedCaps):
         constraints.append(budget)
     problem = cp.Problem(cp.Maximize(cp.sum(cp.multiply(scores, M))), constraints)
     try:
-        problem.solve(solver=cp.HIGHS, highs_options=BUDGET_HIGHS_OPTIONS if budget is not None else {})
+        problem.solve(solver=cp.HIGHS, highs_options=BUDGET_HIGHS_OPTIONS if budget is not None else QUIET)
     except cp.error.SolverError as error:
         raise SolverError(f"cvxpy/HiGHS failed to solve the allocation LP: {error}") from error
     if problem.status != cp.OPTIMAL:
