@@ -29,5 +29,13 @@ lint: install
 demo: install
 	$(VENV)/bin/allocation solve --random 8x16 --seed 0 --topk 2
 
+# Re-execute every tutorial in place, keeping its outputs (inline figures: no MPLBACKEND override).
+notebooks: install
+	for notebook in tutorials/[0-9]*.ipynb; do \
+	  env -u MPLBACKEND $(PY) -m nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.kernel_name=python3 --ExecutePreprocessor.timeout=600 \
+	    --ExecutePreprocessor.record_timing=False "$$notebook" || exit 1; \
+	done
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
