@@ -1,0 +1,215 @@
+"""SparseAutoencoder: rules, validation, decoder geometry, sparse decode, dual-price thresholds."""
+
+import pytest
+import torch
+
+from allocation.errors import AllocationError
+from allocation.sae import (
+    FeatureChoice,
+    MutualChoice,
+    SparseAutoencoder,
+    SparseCode,
+    TopK,
+    decode_dense,
+    decode_sparse,
+    geometric_median,
+)
+
+RULES = [TopK(4), FeatureChoice(k=4), MutualChoice(4)]
+
+
+def _data(n=64, d=16, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def test_k_above_n_features_names_k():
+    for rule in (TopK(65), FeatureChoice(k=65), MutualChoice(65)):
+        with pytest.raises(AllocationError, match="k=65 exceeds n_features=64"):
+            SparseAutoencoder(16, 64, rule)
+
+
+def test_wrong_d_in_names_the_dimension():
+    sae = SparseAutoencoder(16, 64, TopK(4))
+    with pytest.raises(AllocationError, match="d_in=16"):
+        sae(torch.randn(8, 15))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_activations_are_rejected(bad):
+    sae = SparseAutoencoder(16, 64, TopK(4))
+    x = _data(8)
+    x[3, 2] = bad
+    with pytest.raises(AllocationError, match="activations contain NaN or inf in 1 of 8 tokens"):
+        sae(x)
+
+
+def test_bad_rule_arguments():
+    with pytest.raises(AllocationError, match="k must be >= 1"):
+        TopK(0)
+    with pytest.raises(AllocationError, match="exactly one of k, m or capacities"):
+        FeatureChoice(k=2, m=3)
+    with pytest.raises(AllocationError, match="capacities has 3 entries"):
+        SparseAutoencoder(4, 8, FeatureChoice(capacities=[1, 2, 3]))
+    with pytest.raises(AllocationError, match="rule must be"):
+        SparseAutoencoder(4, 8, "topk")
+
+
+# ---------------------------------------------------------------------------- geometry and init
+
+
+def test_init_unit_decoder_rows_and_tied_encoder():
+    sae = SparseAutoencoder(16, 64, TopK(4))
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+    assert torch.equal(sae.W_enc, sae.W_dec.t())
+
+
+def test_parallel_gradient_is_removed_and_rows_renormalised():
+    sae = SparseAutoencoder(16, 64, TopK(4))
+    sae(_data()).x_hat.pow(2).sum().backward()
+    assert sae.W_dec.grad.abs().sum() > 0
+    before = (sae.W_dec.grad * sae.W_dec).sum(dim=1).abs()
+    sae.remove_parallel_gradient()
+    after = (sae.W_dec.grad * sae.W_dec).sum(dim=1).abs()
+    assert before.max() > 1.0 and after.max() < 1e-6 * sae.W_dec.grad.norm()
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.normalize_decoder()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+
+
+def test_geometric_median_is_a_stationary_point_and_robust():
+    points = torch.cat([_data(50, 3), torch.full((5, 3), 100.0)])
+    median = geometric_median(points).to(torch.float64)
+    diffs = median - points.to(torch.float64)
+    gradient = (diffs / diffs.norm(dim=1, keepdim=True)).sum(dim=0)
+    assert gradient.norm() < 1e-3  # the sum of unit vectors vanishes at the median
+    assert median.norm() < 5 < points.mean(dim=0).norm()  # outliers pull the mean, not the median
+
+
+def test_b_dec_initialised_to_geometric_median():
+    sae = SparseAutoencoder(16, 64, TopK(4))
+    sample = _data(200) + 3.0
+    sae.initialize_b_dec(sample)
+    torch.testing.assert_close(sae.b_dec.detach(), geometric_median(sample))
+
+
+# ---------------------------------------------------------------------------- budgets
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
+def test_training_budget_is_k_per_token(rule):
+    sae = SparseAutoencoder(16, 64, rule)
+    out = sae(_data(64) * 5)
+    assert int(out.mask.sum()) == 4 * 64
+    assert bool((out.pre[out.mask] > 0).all())  # only positive affinities are ever kept
+
+
+def test_feature_choice_capacity_default_matches_topk_budget():
+    rule = FeatureChoice(k=8)
+    assert rule.capacity(n_tokens=4096, n_features=16384) == 2
+    assert rule.budget(4096, 16384) == 8 * 4096
+    assert FeatureChoice(m=3).capacity(100, 7) == 3
+    caps = FeatureChoice(capacities=[0, 1, 2]).capacity(10, 3)
+    assert caps.tolist() == [0, 1, 2]
+
+
+def test_feature_choice_per_feature_capacities_are_respected():
+    caps = [0, 1, 2, 3, 4, 5, 6, 7]
+    sae = SparseAutoencoder(4, 8, FeatureChoice(capacities=caps))
+    out = sae(_data(32, 4) * 5)
+    assert out.mask.sum(dim=0).tolist() == caps
+
+
+# ---------------------------------------------------------------------------- sparse decode
+
+
+def test_sparse_decode_equals_dense_forward_and_gradients():
+    generator = torch.Generator().manual_seed(1)
+    pre = torch.randn(12, 20, generator=generator, requires_grad=True)
+    W_dec = torch.randn(20, 6, generator=generator, requires_grad=True)
+    b_dec = torch.randn(6, generator=generator, requires_grad=True)
+    mask = pre.detach() > 0.8
+    mask[3] = False  # a token with no entries at all
+    weights = torch.randn(12, 6, generator=generator)
+
+    sparse_out = decode_sparse(SparseCode.from_mask(pre, mask), W_dec, b_dec)
+    sparse_grads = torch.autograd.grad((sparse_out * weights).sum(), (pre, W_dec, b_dec))
+    dense_out = decode_dense(torch.where(mask, pre, torch.zeros(())), W_dec, b_dec)
+    dense_grads = torch.autograd.grad((dense_out * weights).sum(), (pre, W_dec, b_dec))
+
+    torch.testing.assert_close(sparse_out, dense_out)
+    for sparse_grad, dense_grad in zip(sparse_grads, dense_grads, strict=True):
+        torch.testing.assert_close(sparse_grad, dense_grad)
+    assert torch.equal(sparse_out[3], b_dec.detach())
+
+
+def test_sparse_code_counts_and_dense_round_trip():
+    pre = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0], [3.0, 4.0, 0.0]])
+    code = SparseCode.from_mask(pre, pre > 0)
+    assert code.counts.tolist() == [2, 0, 2]
+    assert code.offsets.tolist() == [0, 2, 2]
+    assert torch.equal(code.to_dense(), pre)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
+def test_sae_sparse_and_dense_paths_agree(rule):
+    x = _data(32)
+    results = []
+    for mode in ("sparse", "dense"):
+        sae = SparseAutoencoder(16, 64, rule, decode=mode)
+        out = sae(x)
+        loss = (out.x_hat - x).pow(2).sum()
+        loss.backward()
+        results.append((out.x_hat.detach(), sae.W_enc.grad, sae.W_dec.grad, sae.b_dec.grad))
+    for sparse_value, dense_value in zip(*results, strict=True):
+        torch.testing.assert_close(sparse_value, dense_value, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- thresholds
+
+
+@pytest.mark.parametrize("rule", [FeatureChoice(k=4), MutualChoice(4)], ids=lambda r: r.name)
+def test_batch_dual_prices_reproduce_the_training_mask(rule):
+    """With this batch's own prices, eval-mode thresholding selects exactly the training mask."""
+    sae = SparseAutoencoder(16, 64, rule, threshold_decay=0.0)
+    x = _data(64) * 3
+    out = sae(x)
+    sae.update_thresholds(out.pre, out.mask)
+    sae.eval()
+    assert torch.equal(sae(x).mask, out.mask)
+
+
+def test_mutual_choice_price_lies_between_budget_and_next_score():
+    sae = SparseAutoencoder(16, 64, MutualChoice(4))
+    out = sae(_data(32) * 3)
+    price = sae.batch_threshold(out.pre, out.mask)
+    ordered = out.pre.flatten().sort(descending=True).values
+    budget = 4 * 32
+    assert ordered[budget] <= price[0] <= ordered[budget - 1]
+    assert torch.all(price == price[0])
+
+
+def test_eval_code_does_not_depend_on_batch_mates():
+    for rule in RULES:
+        sae = SparseAutoencoder(16, 64, rule)
+        x = _data(64) * 3
+        out = sae(x)
+        sae.update_thresholds(out.pre, out.mask)
+        sae.eval()
+        alone = sae.encode(x[:5])
+        together = sae.encode(torch.cat([x[:5], 10 * _data(40, seed=3)]))[:5]
+        torch.testing.assert_close(alone, together)
+
+
+def test_thresholds_are_a_bias_corrected_running_average():
+    sae = SparseAutoencoder(16, 64, MutualChoice(4), threshold_decay=0.5)
+    prices = []
+    for seed in range(3):
+        out = sae(_data(32, seed=seed) * 3)
+        prices.append(float(sae.batch_threshold(out.pre, out.mask)[0]))
+        sae.update_thresholds(out.pre, out.mask)
+    expected = (0.25 * prices[0] + 0.5 * prices[1] + prices[2]) / 1.75
+    assert float(sae.threshold[0]) == pytest.approx(expected, rel=1e-6)
