@@ -1,0 +1,247 @@
+"""Jacobi auction with epsilon-scaling for max <S, M> s.t. M 1 <= k, M^T 1 <= m, 1^T M 1 <= B.
+
+Tokens are bidders with k_i slots; feature j sells m_j seats; the budget sells B units, and every
+seat needs a unit. An assignment e = (i, j) holds one seat and one unit at the price t_e it bid.
+The prices everyone faces are derived from the held prices (a laminar market: features inside the
+budget):
+
+    lambda  = min_e t_e              if the budget is full, else 0
+    entry_j = min_{e in j} t_e       if feature j is full,  else lambda
+    b_j     = entry_j - lambda       (>= 0; 0 unless feature j is full)
+
+In one round every token with free slots and a positive profit S_ij - entry_j bids at once for its
+r_i = (free slots) best unheld features, each at ``entry_j + (v_ij - w_i) + eps`` where w_i is its
+(r_i + 1)-th best profit (or 0, the value of an empty slot). Each feature keeps its m_j highest
+prices among held and new bids, then the whole matrix keeps the B highest. Within one eps-phase
+the entry prices only rise, which gives eps-complementary slackness when no token bids any more:
+with a_i = max(0, max_{j unheld} S_ij - entry_j), every held entry has S_ij - a_i - b_j - lambda
+>= -eps and every unheld positive entry has S_ij - a_i - b_j - lambda <= 0 (Bertsekas' auction for
+transportation problems, run in parallel).
+
+Epsilon-scaling keeps assignments and prices between phases: when eps shrinks, held prices that
+break eps-slackness are lowered to the most their token would pay (a reverse-auction step), and
+entries that still break it are dropped; then the forward auction runs again at the new eps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AuctionResult:
+    """Mask and prices of a settled auction (prices in float64, absent budget -> lambda 0)."""
+
+    mask: Tensor  # (n, F) bool
+    token_prices: Tensor  # (n,) float64, a_i >= 0
+    feature_prices: Tensor  # (F,) float64, b_j >= 0
+    budget_price: float  # lambda >= 0
+
+
+CANDIDATES_PER_CAP = 4  # candidate features per token: 4 * max cap + 16, or all of them
+CANDIDATES_EXTRA = 16
+
+
+class Market:
+    """The auction state: held assignments (token, feature, price) and the dense held mask."""
+
+    def __init__(self, scores: Tensor, token_caps: Tensor, feature_caps: Tensor, budget: Optional[int]):
+        self.scores = scores  # (n, F) float64
+        self.n, self.f = scores.shape
+        device = scores.device
+        self.token_caps = token_caps  # (n,) int64
+        self.feature_caps = feature_caps  # (F,) int64
+        self.budget = budget
+        self.tok = torch.zeros(0, dtype=torch.long, device=device)
+        self.feat = torch.zeros(0, dtype=torch.long, device=device)
+        self.price = torch.zeros(0, dtype=torch.float64, device=device)
+        self.held = torch.zeros(self.n, self.f, dtype=torch.bool, device=device)
+        self.quiet = torch.zeros(self.n, dtype=torch.bool, device=device)
+        # candidate features of each token: its largest scores (bidding looks there first)
+        width = min(self.f, CANDIDATES_PER_CAP * int(token_caps.max())
+                    + CANDIDATES_EXTRA)
+        top, at = scores.topk(min(width + 1, self.f), dim=1)
+        self.cand_score, self.cand_index = top[:, :width].contiguous(), at[:, :width].contiguous()
+        self.outside_max = top[:, width] if width < self.f else torch.full(
+            (self.n,), float("-inf"), dtype=torch.float64, device=device)
+        self._recount()
+
+    # ----- derived quantities -------------------------------------------------------------
+    def _recount(self) -> None:
+        self.row_count = torch.bincount(self.tok, minlength=self.n)
+        self.col_count = torch.bincount(self.feat, minlength=self.f)
+        self.free = self.token_caps - self.row_count
+
+    def budget_full(self) -> bool:
+        return self.budget is not None and self.price.numel() >= self.budget
+
+    def prices(self):
+        """(entry (F,), lambda): what a new seat in feature j costs, and the budget price."""
+        lam = float(self.price.min()) if self.budget_full() and self.price.numel() else 0.0
+        inf = torch.full((self.f,), float("inf"), dtype=torch.float64, device=self.scores.device)
+        cheapest = inf.scatter_reduce(0, self.feat, self.price, reduce="amin", include_self=True)
+        full = self.col_count >= self.feature_caps
+        entry = torch.where(full, cheapest, torch.full_like(cheapest, lam))
+        return entry, lam
+
+    def best_unheld_profit(self, entry: Tensor, lam: float) -> Tensor:
+        """max(0, max_{j unheld} S_ij - entry_j) per token."""
+        rows = torch.arange(self.n, device=self.scores.device)
+        values, _ = self._top_profits(rows, entry, lam, torch.ones_like(rows))
+        return values[:, 0].clamp(min=0.0)
+
+    def _top_profits(self, rows: Tensor, entry: Tensor, lam: float, free: Tensor):
+        """The free_i + 1 best unheld profits S_ij - entry_j of each token in ``rows``, best first.
+
+        Returns (values, feature index), both (len(rows), width) with width = max(free) + 1 (at
+        most F), -inf past a row's unheld features. Each token first looks only at its candidate
+        features (its largest scores); that is exact when the profit it would need to beat, w_i,
+        is at least (largest score outside the candidates) - lambda, since entry_j >= lambda.
+        Other rows are done over all features.
+        """
+        width = min(int(free.max()) + 1, self.f)
+        values = torch.full((rows.numel(), width), float("-inf"), dtype=torch.float64, device=rows.device)
+        index = torch.zeros((rows.numel(), width), dtype=torch.long, device=rows.device)
+        full_rows = torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
+        if width <= self.cand_index.shape[1] < self.f:
+            cand = self.cand_index[rows]
+            profit = self.cand_score[rows] - entry[cand]
+            profit.masked_fill_(self.held[rows[:, None], cand], float("-inf"))
+            top, at = profit.topk(width, dim=1)
+            needed = top.gather(1, (free.clamp(max=width - 1))[:, None]).squeeze(1).clamp(min=0.0)
+            full_rows = self.outside_max[rows] - lam > needed
+            values[~full_rows], index[~full_rows] = top[~full_rows], cand.gather(1, at)[~full_rows]
+        if bool(full_rows.any()):
+            some = rows[full_rows]
+            profit = (self.scores[some] - entry[None, :]).masked_fill_(self.held[some], float("-inf"))
+            values[full_rows], index[full_rows] = profit.topk(width, dim=1)
+        return values, index
+
+    # ----- one bidding round --------------------------------------------------------------
+    def bid_round(self, eps: float) -> bool:
+        """All active tokens bid at once; returns False when no token had anything to bid."""
+        active = torch.nonzero((self.free > 0) & ~self.quiet).squeeze(1)
+        if active.numel() == 0:
+            return False
+        entry, lam = self.prices()
+        free = self.free[active]
+        values, index = self._top_profits(active, entry, lam, free)
+        width = values.shape[1]
+        slot = torch.arange(width, device=values.device)[None, :]
+        has_next = free < width
+        next_best = values.gather(1, free.clamp(max=width - 1)[:, None]).squeeze(1)
+        threshold = torch.where(has_next, next_best.clamp(min=0.0), torch.zeros_like(next_best))
+        bids = (slot < free[:, None]) & (values > 0)
+        self.quiet[active] = ~bids[:, 0]
+        if not bool(bids.any()):
+            return True
+        rows, cols = torch.nonzero(bids, as_tuple=True)
+        bid_tok = active[rows]
+        bid_feat = index[rows, cols]
+        bid_price = entry[bid_feat] + (values[rows, cols] - threshold[rows]) + eps
+        self._resolve(bid_tok, bid_feat, bid_price)
+        return True
+
+    def _resolve(self, bid_tok: Tensor, bid_feat: Tensor, bid_price: Tensor) -> None:
+        """Each feature keeps its m_j highest prices, then the matrix keeps the B highest."""
+        device = self.scores.device
+        tok = torch.cat([self.tok, bid_tok])
+        feat = torch.cat([self.feat, bid_feat])
+        price = torch.cat([self.price, bid_price])
+        is_new = torch.zeros(tok.numel(), dtype=torch.bool, device=device)
+        is_new[self.tok.numel():] = True
+        keep = torch.ones_like(is_new)
+
+        bid_on = torch.zeros(self.f, dtype=torch.bool, device=device)
+        bid_on[bid_feat] = True
+        contested = torch.nonzero(bid_on[feat]).squeeze(1)
+        order = torch.argsort(price[contested], descending=True, stable=True)
+        order = order[torch.argsort(feat[contested][order], stable=True)]
+        ranked = contested[order]
+        group = feat[ranked]
+        counts = torch.bincount(group, minlength=self.f)
+        start = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(ranked.numel(), device=device) - start[group]
+        keep[ranked[rank >= self.feature_caps[group]]] = False
+
+        if self.budget is not None:
+            kept = torch.nonzero(keep).squeeze(1)
+            excess = kept.numel() - self.budget
+            if excess > 0:
+                cheapest = torch.topk(price[kept], excess, largest=False).indices
+                keep[kept[cheapest]] = False
+
+        lost = ~keep & ~is_new
+        won = keep & is_new
+        self.held[tok[lost], feat[lost]] = False
+        self.held[tok[won], feat[won]] = True
+        self.quiet[tok[lost]] = False
+        self.tok, self.feat, self.price = tok[keep], feat[keep], price[keep]
+        self._recount()
+
+    # ----- phase changes --------------------------------------------------------------------
+    def restore_slackness(self, eps: float, lowering_passes: int = 20) -> None:
+        """Make every held entry eps-slack again: S_ij - t_e >= max(0, best unheld profit) - eps.
+
+        First lower the violating prices to S_ij - best_i + eps (a reverse-auction step; prices
+        stay positive), a few passes since a lower price can raise another token's best profit;
+        then drop whatever still violates, repeatedly, until nothing does. Both keep the derived
+        prices consistent, so the forward auction that follows ends eps-slack.
+        """
+        for _ in range(lowering_passes):
+            ceiling = self._price_ceiling(eps)
+            if ceiling is None or bool((self.price <= ceiling).all()):
+                return
+            lowered = torch.minimum(self.price, ceiling)
+            lowered = torch.where(lowered >= eps, lowered, self.price)  # never below eps: drop those
+            if bool((lowered == self.price).all()):
+                break
+            self.price = lowered
+        while True:
+            ceiling = self._price_ceiling(eps)
+            if ceiling is None:
+                return
+            violating = self.price > ceiling
+            if not bool(violating.any()):
+                return
+            self.held[self.tok[violating], self.feat[violating]] = False
+            keep = ~violating
+            self.tok, self.feat, self.price = self.tok[keep], self.feat[keep], self.price[keep]
+            self._recount()
+
+    def _price_ceiling(self, eps: float) -> Optional[Tensor]:
+        """Highest price each held entry may carry to be eps-slack: S_ij - max(0, best_i) + eps."""
+        if self.tok.numel() == 0:
+            return None
+        entry, lam = self.prices()
+        best = self.best_unheld_profit(entry, lam)
+        return self.scores[self.tok, self.feat] - best[self.tok] + eps
+
+    def result(self) -> AuctionResult:
+        entry, lam = self.prices()
+        token_prices = self.best_unheld_profit(entry, lam)
+        feature_prices = (entry - lam).clamp_(min=0.0)
+        closed = self.feature_caps == 0  # never sold: the price that keeps every score below it
+        if bool(closed.any()):
+            reduced = self.scores[:, closed] - token_prices[:, None] - lam
+            feature_prices[closed] = reduced.max(dim=0).values.clamp_(min=0.0)
+        return AuctionResult(self.held.clone(), token_prices, feature_prices, lam)
+
+
+def settle(market: "Market", eps: float, max_rounds: int) -> int:
+    """Restore eps-slackness, then bid at ``eps`` until no token bids; returns the rounds used.
+
+    Returns -1 when ``max_rounds`` rounds did not settle it.
+    """
+    market.restore_slackness(eps)
+    market.quiet.zero_()
+    rounds = 0
+    while market.bid_round(eps):
+        rounds += 1
+        if rounds >= max_rounds:
+            return -1
+    return rounds
