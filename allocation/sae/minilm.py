@@ -18,9 +18,12 @@ import functools
 import hashlib
 import importlib
 import inspect
+import json
 import os
 import platform
+import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -110,9 +113,41 @@ def stdlib_docstrings(modules: Sequence[str] = STDLIB_MODULES) -> list[str]:
                             continue
                         if isinstance(method, (staticmethod, classmethod)):
                             method = method.__func__
-                        if inspect.isroutine(method) or isinstance(method, property):
+                        defined_here = getattr(method, "__module__", module.__name__) == module.__name__
+                        if defined_here and (inspect.isroutine(method) or isinstance(method, property)):
                             add(method.__doc__)
     return texts
+
+
+def isolated_stdlib_docstrings(modules: Sequence[str] = STDLIB_MODULES) -> list[str]:
+    """:func:`stdlib_docstrings` run in a fresh ``python -I -S`` (no site-packages), so libraries this
+    process has imported (transformers patches ``logging.Logger``, say) cannot change the corpus."""
+    return list(_isolated_stdlib_docstrings(tuple(modules)))
+
+
+@functools.lru_cache(maxsize=4)
+def _isolated_stdlib_docstrings(modules: tuple[str, ...]) -> tuple[str, ...]:
+    source = "\n".join(
+        [
+            "import importlib, inspect, json, sys, warnings",
+            "from typing import Any, Sequence",
+            "STDLIB_MODULES = ()",
+            textwrap.dedent(inspect.getsource(stdlib_docstrings)),
+            "json.dump(stdlib_docstrings(json.loads(sys.argv[1])), sys.stdout, ensure_ascii=True)",
+        ]
+    )
+    completed = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", source, json.dumps(list(modules))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise AllocationError(
+            f"collecting the standard-library docstrings failed in a subprocess of {sys.executable}: "
+            f"{completed.stderr.strip()[-500:]}"
+        )
+    return tuple(json.loads(completed.stdout))
 
 
 def corpus_hash(texts: Sequence[str]) -> str:
@@ -200,7 +235,8 @@ def token_windows(
     texts: Sequence[str], tokenizer: Any, n_tokens: int, max_length: int, keep_special_tokens: bool
 ) -> list[list[int]]:
     """[CLS] + up to ``max_length - 2`` word pieces + [SEP] per window, in corpus order, until the
-    windows hold exactly ``n_tokens`` kept positions (the last window is cut short)."""
+    windows hold ``n_tokens`` kept positions (the last window is cut short; with special tokens kept it
+    may hold up to 2 more, which the extraction drops)."""
     if max_length < 3 or max_length > 512:
         raise AllocationError(f"max_length must be between 3 and 512 (MiniLM's limit), got {max_length}")
     body = max_length - 2
@@ -213,14 +249,12 @@ def token_windows(
         for ids in pieces:
             for offset in range(0, len(ids), body):
                 chunk = ids[offset : offset + body]
-                kept = len(chunk) + (2 if keep_special_tokens else 0)
-                if kept > remaining:  # cut the last window so exactly n_tokens positions are kept
-                    chunk = chunk[: remaining - (2 if keep_special_tokens else 0)]
-                    kept = remaining
-                if chunk:
-                    windows.append([tokenizer.cls_token_id, *chunk, tokenizer.sep_token_id])
-                    remaining -= kept
-                if remaining == 0:
+                extra = 2 if keep_special_tokens else 0
+                if len(chunk) + extra > remaining:  # cut the last window to what is still needed
+                    chunk = chunk[: max(1, remaining - extra)]
+                windows.append([tokenizer.cls_token_id, *chunk, tokenizer.sep_token_id])
+                remaining -= len(chunk) + extra
+                if remaining <= 0:
                     return windows
     return windows
 
@@ -241,7 +275,7 @@ def extract_hidden_states(
     """
     trim = 0 if keep_special_tokens else 1
     kept_counts = np.array([len(window) - 2 * trim for window in windows])
-    offsets = np.concatenate([[0], np.cumsum(kept_counts)])
+    offsets = np.minimum(np.concatenate([[0], np.cumsum(kept_counts)]), out.shape[0])
     if offsets[-1] != out.shape[0]:
         raise AllocationError(f"internal: windows hold {offsets[-1]} tokens but out has {out.shape[0]} rows")
     order = sorted(range(len(windows)), key=lambda index: (len(windows[index]), index))
@@ -259,9 +293,9 @@ def extract_hidden_states(
             hidden = encoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
             hidden = hidden.float().numpy()
             for row, index in enumerate(members):
-                length = len(windows[index])
-                out[offsets[index] : offsets[index + 1]] = hidden[row, trim : length - trim]
-            done += int(kept_counts[members].sum())
+                rows = offsets[index + 1] - offsets[index]  # the last window may lose its [SEP]
+                out[offsets[index] : offsets[index + 1]] = hidden[row, trim : trim + rows]
+            done += int(sum(offsets[index + 1] - offsets[index] for index in members))
             if progress and (first // batch_size) % 20 == 0:
                 elapsed = time.perf_counter() - started
                 print(f"minilm: {done}/{out.shape[0]} tokens, {elapsed:.1f} s", file=sys.stderr, flush=True)
@@ -310,7 +344,7 @@ def minilm_activations(
     check_positive_int(max_length, "max_length")
     check_positive_int(batch_size, "batch_size")
     tokenizer, model = load_minilm()  # first, so a missing extra fails fast and clearly
-    texts = stdlib_docstrings()
+    texts = isolated_stdlib_docstrings()
     text_hash = corpus_hash(texts)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     special = "with-special" if keep_special_tokens else "no-special"
