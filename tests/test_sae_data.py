@@ -476,3 +476,24 @@ def test_minilm_too_many_tokens_is_a_clear_error(tmp_path):
     ):
         load_activations("minilm", n_tokens=50_000_000, cache_dir=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+@needs_minilm
+def test_minilm_keep_special_tokens_and_a_partial_last_window(tmp_path):
+    from allocation.sae import minilm
+
+    # windows of 3 word pieces + [CLS]/[SEP] keep 5 rows each; 7 rows end inside the second window
+    source = minilm.minilm_activations(
+        n_tokens=7, layer=1, max_length=5, keep_special_tokens=True, cache_dir=tmp_path
+    )
+    tokenizer, model = minilm.load_minilm()
+    windows = minilm.token_windows(minilm.isolated_stdlib_docstrings(), tokenizer, 7, 5, True)
+    assert [len(window) for window in windows] == [5, 3]
+    with torch.no_grad():
+        reference = np.concatenate(
+            [
+                model(input_ids=torch.tensor([window]), output_hidden_states=True).hidden_states[1][0].numpy()
+                for window in windows
+            ]
+        )[:7]
+    np.testing.assert_allclose(np.asarray(source.array), reference, atol=1e-4)
