@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._validate import check_scores_torch
 from .constraints import CapLike, Constraints, _as_cap, _expand
-from .errors import AllocationError, NotGreedyExactError
+from .errors import AllocationError
 
 Cap = Union[int, np.ndarray, Tensor, list, tuple]
 
@@ -85,20 +85,19 @@ def mutual_choice(scores: Tensor, total: int) -> Tensor:
 
 
 def allocate(scores: Tensor, constraints: Constraints) -> Tensor:
-    """Exact mask for any laminar ``constraints``: per-family greedy, then the budget over the rest.
+    """Exact mask for any ``constraints``: greedy for laminar caps, else the certified auction.
 
-    Raises NotGreedyExactError for per-token AND per-feature caps (no greedy rule is exact there;
-    use ``allocation.solve`` for the exact optimum).
+    Laminar caps: per-family greedy, then the budget over the rest. Per-token AND per-feature caps
+    (where no greedy rule is exact) go to ``allocation.exact_torch.solve_mixed``, an auction whose
+    answer is checked by an LP-duality certificate (CertificateWarning + scipy if it fails).
     """
     check_scores_torch(scores)
     if not isinstance(constraints, Constraints):
         raise AllocationError(f"constraints must be an allocation.Constraints, got {type(constraints).__name__}")
-    if not constraints.greedy_exact:
-        raise NotGreedyExactError(
-            f"{constraints} caps tokens AND features: greedy selection is not optimal there "
-            "(e.g. S=[[10, 9], [9, 0]] with one per row and column: greedy 10, optimum 18). "
-            "Use allocation.solve(scores, constraints) for the exact optimum."
-        )
+    if not constraints.greedy_exact:  # token AND feature caps: no greedy is exact, auction + certificate
+        from .exact_torch import solve_mixed
+
+        return solve_mixed(scores, constraints).mask
     caps = constraints.resolve(*scores.shape)
     mask = None
     if caps.per_token is not None:

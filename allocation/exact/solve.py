@@ -12,7 +12,7 @@ from ..errors import AllocationError, SolverError
 from .lp import build_lp
 from .result import Allocation
 
-BACKENDS = ("scipy", "cvxpy", "milp")
+BACKENDS = ("scipy", "cvxpy", "milp", "torch")
 
 INTEGRALITY_TOLERANCE = 1e-6
 
@@ -22,7 +22,8 @@ def solve(scores, constraints: Constraints, backend: str = "scipy") -> Allocatio
 
     ``scores`` is an (n, F) numpy array or torch tensor (finite). Backends: ``"scipy"`` (sparse
     HiGHS LP, the default and fastest), ``"cvxpy"`` (the textbook formulation through cvxpy) and
-    ``"milp"`` (scipy's integer solver, no prices; small cases only).
+    ``"milp"`` (scipy's integer solver, no prices; small cases only); ``"torch"`` is the certified
+    auction of ``allocation.exact_torch`` (CPU here; use ``solve_mixed`` for tensors on a GPU).
     """
     if not isinstance(constraints, Constraints):
         raise AllocationError(
@@ -33,6 +34,10 @@ def solve(scores, constraints: Constraints, backend: str = "scipy") -> Allocatio
         raise AllocationError(f"backend must be one of {BACKENDS}, got {backend!r}")
     scores = check_scores_numpy(scores)
     caps = constraints.resolve(*scores.shape)
+    if backend == "torch":
+        from ..exact_torch.solver import solve_as_allocation
+
+        return solve_as_allocation(scores, constraints)
     start = time.perf_counter()
     if backend == "cvxpy":
         from .cvxpy_backend import solve_cvxpy

@@ -221,6 +221,13 @@ class Market:
         best = self.best_unheld_profit(entry, lam)
         return self.scores[self.tok, self.feat] - best[self.tok] + eps
 
+    def objective(self) -> float:
+        """Sum of the held scores (float64)."""
+        return float(self.scores[self.tok, self.feat].sum())
+
+    def count(self) -> int:
+        return self.tok.numel()
+
     def result(self) -> AuctionResult:
         entry, lam = self.prices()
         token_prices = self.best_unheld_profit(entry, lam)
