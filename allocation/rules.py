@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _selection
 from ._validate import check_scores_torch
 from .constraints import CapLike, Constraints, _as_cap, _expand
 from .errors import AllocationError
@@ -27,33 +28,15 @@ def select_top(scores: Tensor, count: Union[int, Tensor], dim: Optional[int]) ->
     """Greedy core: the ``count`` largest positive scores per slice along ``dim`` (None = all).
 
     ``count`` is an int, or for dim 0 / 1 a vector with one count per column / row. Returns a bool
-    mask of ``scores``' shape.
+    mask of ``scores``' shape. Per column and over the whole matrix, large inputs go through the
+    blocked path (threshold from block maxima, exact top among the candidates; see
+    ``allocation._selection``), which falls back to ``torch.topk`` whenever it would not pay off.
     """
-    if dim is None:
-        flat = scores.reshape(-1)
-        kept = min(int(count), flat.numel())
-        mask = torch.zeros_like(flat, dtype=torch.bool)
-        if kept > 0:
-            values, index = flat.topk(kept, sorted=False)
-            mask[index] = values > 0
-        return mask.view_as(scores)
-    size = scores.shape[dim]
-    if isinstance(count, Tensor):
-        largest = min(int(count.max()), size) if count.numel() else 0
-    else:
-        largest = min(int(count), size)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if largest == 0:
-        return mask
-    uniform = not isinstance(count, Tensor)
-    values, index = scores.topk(largest, dim=dim, sorted=not uniform)
-    keep = values > 0
-    if not uniform:  # the j-th largest of a slice is kept iff j < that slice's count
-        rank = torch.arange(largest, device=scores.device)
-        rank = rank[None, :] if dim == 1 else rank[:, None]
-        slice_count = count.to(scores.device)[:, None] if dim == 1 else count.to(scores.device)[None, :]
-        keep &= rank < slice_count
-    return mask.scatter_(dim, index, keep)
+    if dim != 1 and scores.numel() >= _selection.BLOCKED_MIN_NUMEL:
+        mask = _selection.select_top_blocked(scores, count, dim)
+        if mask is not None:
+            return mask
+    return _selection.select_top_plain(scores, count, dim)
 
 
 def _cap_for_torch(cap: CapLike, name: str, length: int, axis: str) -> Union[int, Tensor]:

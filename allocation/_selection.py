@@ -1,0 +1,248 @@
+"""Exact greedy selection: the ``count`` largest positive scores per row, per column or overall.
+
+Two implementations reach the same objective (masks may differ only among tied scores):
+
+- ``select_top_plain``: ``torch.topk`` over each slice. Fast per row; slow per column (strided
+  reads) and over the whole matrix (a top-B of n*F values).
+- ``select_top_blocked``: a threshold from block maxima, then exact selection among the few
+  candidates at or above it (Feature Choice: per column; Mutual Choice: over the whole matrix).
+
+The blocked path rests on one fact. Cut a column (or the matrix) into disjoint blocks; if T is the
+q-th largest block maximum then at least q entries are >= T, because each of those q blocks holds
+its maximum. With q = count, the top-count entries are all >= T, and they lie in blocks whose
+maximum is >= T ("candidate blocks"). Reading only those blocks again, then taking the exact top
+count among their entries, is exact for every input; its cost is one pass of block maxima plus a
+small gather. When the candidate blocks are not few (heavy ties, budgets close to n*F, very skewed
+counts) it returns None and the caller uses the plain path.
+
+Ties are broken by position among the gathered entries (for a column: the lowest row first), so
+exactly min(count, #positive) entries are selected per slice.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+Count = Union[int, Tensor]
+
+BLOCKED_MIN_NUMEL = 1 << 20
+"""Matrices with fewer entries use the plain path (tests lower it to exercise the blocked path)."""
+
+ROWS_PER_BLOCK = 8
+"""Rows per fine block: a fine block is ROWS_PER_BLOCK consecutive rows of one column."""
+
+MAX_GATHER_FRACTION = 0.25
+"""The blocked path gives up (returns None) when it would gather more than this fraction of S."""
+
+
+def select_top_plain(scores: Tensor, count: Count, dim: Optional[int]) -> Tensor:
+    """``count`` largest positive scores per slice along ``dim`` (None = all), by ``torch.topk``."""
+    if dim is None:
+        flat = scores.reshape(-1)
+        kept = min(int(count), flat.numel())
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        if kept > 0:
+            values, index = flat.topk(kept, sorted=False)
+            mask[index] = values > 0
+        return mask.view_as(scores)
+    size = scores.shape[dim]
+    if isinstance(count, Tensor):
+        largest = min(int(count.max()), size) if count.numel() else 0
+    else:
+        largest = min(int(count), size)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if largest == 0:
+        return mask
+    uniform = not isinstance(count, Tensor)
+    values, index = scores.topk(largest, dim=dim, sorted=not uniform)
+    keep = values > 0
+    if not uniform:  # the j-th largest of a slice is kept iff j < that slice's count
+        rank = torch.arange(largest, device=scores.device)
+        rank = rank[None, :] if dim == 1 else rank[:, None]
+        slice_count = count.to(scores.device)[:, None] if dim == 1 else count.to(scores.device)[None, :]
+        keep &= rank < slice_count
+    return mask.scatter_(dim, index, keep)
+
+
+def select_top_blocked(scores: Tensor, count: Count, dim: Optional[int]) -> Optional[Tensor]:
+    """Same selection as ``select_top_plain`` for dim 0 or None via block maxima; None if not worth it."""
+    scores = scores.detach().contiguous()
+    if dim is None:
+        return top_overall_blocked(scores, int(count))
+    if dim == 0:
+        return top_per_column_blocked(scores, _count_vector(count, scores.shape[1], scores.device))
+    return None
+
+
+def top_overall_blocked(scores: Tensor, total: int) -> Optional[Tensor]:
+    """Mutual Choice: max <S, M> s.t. sum(M) <= total, via the total-th largest block maximum."""
+    n_features = scores.shape[1]
+    if total <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if total >= scores.numel():
+        return scores > 0
+    fine = row_block_max(scores, ROWS_PER_BLOCK)  # (n_blocks, F)
+    if fine.numel() < total:
+        return None
+    wanted = _one(total, scores)
+    coarse_rows = -(-2 * total // n_features)  # the coarse level keeps >= 2 * total maxima
+    coarse = row_block_max(fine, max(1, fine.shape[0] // coarse_rows)).reshape(1, -1)
+    threshold = _at_least_positive(kth_largest(coarse, wanted))
+    cells = (fine >= threshold).reshape(-1).nonzero().squeeze(1)  # flat (block, column) ids
+    cell_max = fine.reshape(-1)[cells]
+    if cells.numel() > total:  # refine: the total-th largest maximum among the candidate blocks
+        threshold = _at_least_positive(kth_largest(cell_max[None], wanted))
+        cells = cells[cell_max >= threshold[0]]
+    if cells.numel() * ROWS_PER_BLOCK > MAX_GATHER_FRACTION * scores.numel():
+        return None
+    index, values = _gather_cells(scores, cells)  # (cells, ROWS_PER_BLOCK) flat ids and values
+    candidate = (values >= threshold).reshape(-1).nonzero().squeeze(1)
+    chosen = top_in_rows(values.reshape(1, -1)[:, candidate], wanted)[0]
+    return _mask_from(scores, index.reshape(-1)[candidate[chosen]])
+
+
+def top_per_column_blocked(scores: Tensor, counts: Tensor) -> Optional[Tensor]:
+    """Feature Choice: max <S, M> s.t. M^T 1 <= counts, via per-column thresholds on block maxima."""
+    n_features = scores.shape[1]
+    if int(counts.max()) == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    fine = row_block_max(scores, ROWS_PER_BLOCK)  # (n_blocks, F)
+    threshold = _at_least_positive(_column_thresholds(fine, counts))  # (F,)
+    columns, blocks = (fine >= threshold).t().contiguous().nonzero().unbind(1)  # grouped by column
+    if columns.numel() * ROWS_PER_BLOCK > MAX_GATHER_FRACTION * scores.numel():
+        return None
+    table, slot = _blocks_by_column(columns, blocks, n_features)  # (F, width) cell ids, -1 = none
+    if table.numel() * ROWS_PER_BLOCK > 2 * MAX_GATHER_FRACTION * scores.numel():
+        return None  # counts so skewed that the padded per-column layout would be large
+    width = table.shape[1]
+    if width == 0:  # no positive entry anywhere
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    index, values = _gather_cells(scores, blocks * n_features + columns)  # (cells, ROWS_PER_BLOCK)
+    by_column = values.new_full((n_features, width, ROWS_PER_BLOCK), float("-inf"))
+    by_column[columns, slot] = values
+    chosen = top_in_rows(by_column.reshape(n_features, -1), counts).reshape(n_features, width, -1)
+    column, slot, offset = chosen.nonzero().unbind(1)
+    block = table[column, slot] // n_features
+    return _mask_from(scores, (block * ROWS_PER_BLOCK + offset) * n_features + column)
+
+
+def kth_largest(values: Tensor, counts: Tensor) -> Tensor:
+    """The counts[r]-th largest value of row r of a (R, L) tensor, as (R, 1); counts clamped to [1, L]."""
+    length = values.shape[1]
+    counts = counts.clamp(1, length)
+    most = int(counts.max())
+    if 4 * most > length and bool((counts == most).all()):  # deep in the row: selection beats topk
+        return values.kthvalue(length - most + 1, dim=1, keepdim=True).values
+    return values.topk(most, dim=1).values.gather(1, (counts - 1)[:, None])
+
+
+def top_in_rows(values: Tensor, counts: Tensor) -> Tensor:
+    """Per row r, the counts[r] largest positive values: a (R, L) bool; ties go to the lowest positions.
+
+    With kth the counts[r]-th largest value of row r, every value > kth is chosen and the first
+    (counts[r] - #{> kth}) values == kth fill the rest, so exactly counts[r] are chosen; then the
+    non-positive ones are dropped, leaving min(counts[r], #positive) (if kth <= 0, every positive
+    value is > kth).
+    """
+    counts = counts.clamp(max=values.shape[1])
+    if values.numel() == 0 or int(counts.max()) == 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    kth = kth_largest(values, counts)
+    chosen = values >= kth
+    excess = chosen.count_nonzero(1) > counts  # rows with more ties at kth than places left
+    if bool(excess.any()):
+        rows = excess.nonzero().squeeze(1)
+        tied = values[rows] == kth[rows]
+        still_needed = counts[rows, None] - (values[rows] > kth[rows]).sum(1, keepdim=True)
+        chosen[rows] &= ~tied | (tied.cumsum(1) <= still_needed)
+    if bool((kth <= 0).any()):
+        chosen &= values > 0
+    if bool((counts == 0).any()):
+        chosen &= (counts > 0)[:, None]
+    return chosen
+
+
+def row_block_max(matrix: Tensor, rows_per_block: int) -> Tensor:
+    """Maxima of consecutive row blocks: (R, C) -> (ceil(R / rows_per_block), C); the last may be short."""
+    n_rows, n_cols = matrix.shape
+    full = n_rows // rows_per_block
+    out = matrix.new_empty((-(-n_rows // rows_per_block), n_cols))
+    if full:
+        body = matrix[: full * rows_per_block].reshape(full, rows_per_block, n_cols)
+        torch.amax(body, dim=1, out=out[:full])
+    if full * rows_per_block < n_rows:
+        torch.amax(matrix[full * rows_per_block :], dim=0, keepdim=True, out=out[full:])
+    return out
+
+
+def _column_thresholds(fine: Tensor, counts: Tensor) -> Tensor:
+    """T_j = counts[j]-th largest coarse block maximum of column j: >= counts[j] entries are >= T_j.
+
+    Columns asking for more entries than there are coarse blocks get T = -inf (every positive entry
+    is a candidate); columns asking for none get T = +inf (none is).
+    """
+    most = int(counts.max())
+    factor = max(1, fine.shape[0] // max(8 * most, 32))
+    coarse = row_block_max(fine, factor).t().contiguous()  # (F, n_coarse)
+    n_coarse = coarse.shape[1]
+    threshold = kth_largest(coarse, counts).squeeze(1)
+    inf = torch.tensor(float("inf"), dtype=fine.dtype, device=fine.device)
+    threshold = torch.where(counts > n_coarse, -inf, threshold)
+    return torch.where(counts == 0, inf, threshold)
+
+
+def _blocks_by_column(columns: Tensor, blocks: Tensor, n_features: int) -> tuple[Tensor, Tensor]:
+    """Cells (sorted by column) as a (F, width) table of flat cell ids (block * F + column), -1 pads.
+
+    Also returns each cell's slot, its position within its column's row of the table.
+    """
+    per_column = torch.bincount(columns, minlength=n_features)
+    width = int(per_column.max()) if per_column.numel() else 0
+    slot = torch.arange(columns.numel(), device=columns.device) - (per_column.cumsum(0) - per_column)[columns]
+    table = torch.full((n_features, width), -1, dtype=torch.long, device=columns.device)
+    table[columns, slot] = blocks * n_features + columns
+    return table, slot
+
+
+def _gather_cells(scores: Tensor, cells: Tensor) -> tuple[Tensor, Tensor]:
+    """Flat indices and values of the fine blocks ``cells`` (flat ids block * F + column).
+
+    Returns two (cells, ROWS_PER_BLOCK) tensors; rows past the matrix get value -inf (never chosen).
+    """
+    n_rows, n_features = scores.shape
+    block, column = cells // n_features, cells % n_features
+    step = torch.arange(ROWS_PER_BLOCK, device=scores.device) * n_features
+    index = (block * (ROWS_PER_BLOCK * n_features) + column)[:, None] + step
+    if n_rows % ROWS_PER_BLOCK == 0:
+        return index, scores.reshape(-1).take(index)
+    past_end = index >= scores.numel()
+    values = scores.reshape(-1).take(index.clamp(max=scores.numel() - 1))
+    return index, values.masked_fill(past_end, float("-inf"))
+
+
+def _mask_from(scores: Tensor, flat_index: Tensor) -> Tensor:
+    """A bool mask of ``scores``' shape, True at the flat indices."""
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    mask.view(-1)[flat_index] = True
+    return mask
+
+
+def _at_least_positive(threshold: Tensor) -> Tensor:
+    """max(threshold, smallest positive number): ``x >= it`` keeps x >= threshold AND x > 0."""
+    info = torch.finfo(threshold.dtype)
+    return threshold.clamp(min=info.tiny * info.eps)  # tiny * eps = the smallest subnormal
+
+
+def _one(total: int, scores: Tensor) -> Tensor:
+    """A single count as the int64 vector ``top_in_rows`` takes."""
+    return torch.tensor([total], dtype=torch.long, device=scores.device)
+
+
+def _count_vector(count: Count, length: int, device: torch.device) -> Tensor:
+    """Per-slice counts as an int64 vector of ``length``."""
+    if isinstance(count, Tensor):
+        return count.to(device=device, dtype=torch.long).reshape(-1).expand(length)
+    return torch.full((length,), int(count), dtype=torch.long, device=device)

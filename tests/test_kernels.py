@@ -1,0 +1,179 @@
+"""The blocked selection kernels are exact: same selected values as torch.topk and as the LP optimum.
+
+Spec: for every score matrix (ties, zeros, negatives, heavy duplicates, half precision, n or F = 1)
+and every count (0, above the slice size, above the number of positives), the blocked path of
+``allocation._selection`` selects exactly min(count, #positive) entries per slice, only positive
+ones, and the multiset of selected values equals the plain ``torch.topk`` path's (so the objective
+is identical, not merely close). The size threshold and block shape are lowered so that hypothesis
+exercises the blocked path on small matrices; a few realistic sizes check that it runs by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import allocation
+from allocation import Constraints, _selection
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+VALUES = {
+    "ties": st.integers(-3, 3).map(float),
+    "binary": st.sampled_from([0.0, 1.0]),
+    "reals": st.floats(-10, 10, allow_nan=False, allow_infinity=False, width=16),
+    "wide": st.sampled_from([-1e3, -1.0, -0.0, 0.0, 1e-3, 0.5, 1.0, 7.0, 1e3]),
+}
+
+
+@st.composite
+def score_tensors(draw, max_tokens: int = 33, max_features: int = 21) -> torch.Tensor:
+    """(n, F) tensors of one value regime and one floating dtype (values exact in every dtype)."""
+    n_tokens = draw(st.integers(1, max_tokens))
+    n_features = draw(st.integers(1, max_features))
+    regime = draw(st.sampled_from(sorted(VALUES)))
+    values = draw(st.lists(VALUES[regime], min_size=n_tokens * n_features, max_size=n_tokens * n_features))
+    dtype = draw(st.sampled_from(DTYPES))
+    return torch.tensor(values, dtype=torch.float64).reshape(n_tokens, n_features).to(dtype)
+
+
+@contextlib.contextmanager
+def blocked_everywhere(rows_per_block: int = 8):
+    """Force the blocked path on any size: no size threshold, no gather limit, small blocks."""
+    saved = (_selection.BLOCKED_MIN_NUMEL, _selection.MAX_GATHER_FRACTION, _selection.ROWS_PER_BLOCK)
+    _selection.BLOCKED_MIN_NUMEL, _selection.MAX_GATHER_FRACTION = 0, float("inf")
+    _selection.ROWS_PER_BLOCK = rows_per_block
+    try:
+        yield
+    finally:
+        _selection.BLOCKED_MIN_NUMEL, _selection.MAX_GATHER_FRACTION, _selection.ROWS_PER_BLOCK = saved
+
+
+def selected_values(scores: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    """The selected scores, sorted: equal lists <=> equal objectives for the same scores."""
+    return sorted(scores.double()[mask].tolist())
+
+
+def positives(scores: torch.Tensor, dim) -> torch.Tensor:
+    """Number of positive scores per column (dim 0) or overall (dim None)."""
+    return (scores > 0).sum(0) if dim == 0 else (scores > 0).sum()
+
+
+def assert_exact(scores: torch.Tensor, mask: torch.Tensor, count, dim) -> None:
+    """Exactly min(count, #positive) positive entries per slice, and topk's selected values."""
+    reference = _selection.select_top_plain(scores, count, dim)
+    assert mask.dtype == torch.bool and mask.shape == scores.shape
+    assert not bool((mask & (scores <= 0)).any()), "selected a non-positive score"
+    if dim == 0:
+        wanted = torch.minimum(torch.as_tensor(count).expand(scores.shape[1]), positives(scores, 0))
+        assert torch.equal(mask.sum(0), wanted), "per-column count is not min(count, #positive)"
+    else:
+        assert int(mask.sum()) == min(int(count), int(positives(scores, None)))
+    assert selected_values(scores, mask) == selected_values(scores, reference)
+
+
+@given(score_tensors(), st.integers(0, 800), st.sampled_from([1, 2, 3, 8]))
+def test_overall_blocked_is_exact(scores, total, rows_per_block):
+    """Mutual Choice: top-total over the matrix; counts above #positives and n*F included."""
+    with blocked_everywhere(rows_per_block):
+        mask = _selection.top_overall_blocked(scores, total)
+    if mask is None:  # only when there are fewer blocks than the budget
+        assert -(-scores.shape[0] // rows_per_block) * scores.shape[1] < total < scores.numel()
+        return
+    assert_exact(scores, mask, total, None)
+
+
+@st.composite
+def column_counts(draw, n_features: int):
+    """A uniform count or one count per column, from 0 to beyond the column length."""
+    if draw(st.booleans()):
+        return draw(st.integers(0, 40))
+    return torch.tensor(draw(st.lists(st.integers(0, 40), min_size=n_features, max_size=n_features)))
+
+
+@given(st.data(), score_tensors(), st.sampled_from([1, 2, 3, 8]))
+def test_per_column_blocked_is_exact(data, scores, rows_per_block):
+    """Feature Choice: top-m_j of every column, uniform and per-column (Zipf-like) counts."""
+    count = data.draw(column_counts(scores.shape[1]))
+    with blocked_everywhere(rows_per_block):
+        mask = _selection.select_top_blocked(scores, count, 0)
+    assert mask is not None
+    assert_exact(scores, mask, count, 0)
+
+
+@settings(max_examples=40)
+@given(score_tensors(max_tokens=12, max_features=10), st.data())
+def test_rules_on_blocked_path_reach_the_lp_optimum(scores, data):
+    """mutual_choice, feature_choice and allocate (caps + budget) equal allocation.solve's objective."""
+    n_tokens, n_features = scores.shape
+    total = data.draw(st.integers(0, n_tokens * n_features + 2))
+    m = data.draw(st.integers(0, n_tokens + 2))
+    cases = [
+        (lambda s: allocation.mutual_choice(s, total), Constraints.mutual_choice(total)),
+        (lambda s: allocation.feature_choice(s, m), Constraints.feature_choice(m)),
+        (lambda s: allocation.allocate(s, Constraints(per_feature=m, total=total)),
+         Constraints(per_feature=m, total=total)),
+    ]
+    exact_scores = scores.double().numpy()
+    for rule, constraints in cases:
+        with blocked_everywhere(rows_per_block=2):
+            mask = rule(scores).numpy()
+        optimum = allocation.solve(exact_scores, constraints)
+        assert float(exact_scores[mask].sum()) == pytest.approx(optimum.objective, abs=1e-9 * (1 + np.abs(
+            exact_scores).sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_path_runs_by_default_at_training_sizes(dtype):
+    """At 512 x 2048 (over the size threshold) the blocked path answers, and exactly."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(512, 2048, generator=generator).to(dtype)
+    assert scores.numel() >= _selection.BLOCKED_MIN_NUMEL
+    for count, dim in ((32 * 512, None), (8, 0), (torch.randint(0, 12, (2048,), generator=generator), 0)):
+        mask = _selection.select_top_blocked(scores, count, dim)
+        assert mask is not None, "the blocked path fell back on a typical input"
+        assert_exact(scores, mask, count, dim)
+        assert torch.equal(allocation.rules.select_top(scores, count, dim), mask)
+
+
+def test_degenerate_inputs_fall_back_and_stay_exact():
+    """All-equal scores (every entry tied) and budgets near n*F still give the exact count."""
+    tied = torch.ones(1024, 1024)
+    assert_exact(tied, allocation.rules.select_top(tied, 5000, None), 5000, None)
+    assert_exact(tied, allocation.rules.select_top(tied, 7, 0), 7, 0)
+    dense = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(1))
+    assert_exact(dense, allocation.rules.select_top(dense, 700_000, None), 700_000, None)
+
+
+def test_non_contiguous_and_grad_inputs():
+    """A transposed view and a tensor that requires grad select the same as a plain copy."""
+    base = torch.randn(300, 200, generator=torch.Generator().manual_seed(2))
+    view = base.t()
+    with blocked_everywhere():
+        for dim, count in ((None, 900), (0, 4)):
+            assert_exact(view, _selection.select_top_blocked(view, count, dim), count, dim)
+            leaf = view.detach().clone().requires_grad_(True)
+            assert_exact(view, _selection.select_top_blocked(leaf, count, dim), count, dim)
+
+
+def test_top_in_rows_breaks_ties_by_position():
+    """Among tied values at the boundary, the lowest positions are chosen."""
+    values = torch.tensor([[1.0, 2.0, 1.0, 1.0, 0.0], [0.0, -1.0, 3.0, 3.0, 3.0]])
+    chosen = _selection.top_in_rows(values, torch.tensor([3, 2]))
+    assert chosen.tolist() == [[True, True, True, False, False], [False, False, True, True, False]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blocked_path_on_cuda(dtype):
+    """The same exactness on a CUDA device."""
+    scores = torch.randn(1024, 4096, generator=torch.Generator().manual_seed(3)).to(dtype).cuda()
+    for count, dim in ((64 * 1024, None), (16, 0)):
+        mask = _selection.select_top_blocked(scores, count, dim)
+        assert mask is not None and mask.device == scores.device
+        assert_exact(scores.cpu(), mask.cpu(), count, dim)
