@@ -54,9 +54,12 @@ def test_regression_aux_coefficient_is_one_32nd():
 def test_regression_residual_target_is_detached():
     residual = RESIDUAL.clone().requires_grad_(True)
     pre = PRE.clone().requires_grad_(True)
-    for loss in (aux_k_loss(pre, residual, W_DEC, DEAD),
-                 aux_zipf_loss(pre, torch.zeros(2, 4, dtype=torch.bool), residual, W_DEC,
-                               torch.tensor([0.5, 0.5, 0.0, 0.0]), 1.0)):
+    for loss in (
+        aux_k_loss(pre, residual, W_DEC, DEAD),
+        aux_zipf_loss(
+            pre, torch.zeros(2, 4, dtype=torch.bool), residual, W_DEC, torch.tensor([0.5, 0.5, 0.0, 0.0]), 1.0
+        ),
+    ):
         grad_residual, grad_pre = torch.autograd.grad(loss, (residual, pre), allow_unused=True)
         assert grad_residual is None  # no gradient pushes x_hat towards the aux reconstruction
         assert grad_pre.abs().sum() > 0
@@ -79,7 +82,8 @@ def test_regression_k_aux_default_and_scale_with_wide_inputs():
     mask, scale = aux_k_selection(pre, dead, 4)
     assert scale == 0.75 and mask.sum(dim=1).tolist() == [3] * 5
     assert float(aux_k_loss(pre, residual, W_dec, dead)) == pytest.approx(
-        float(aux_k_loss(pre, residual, W_dec, dead, k_aux=4)))
+        float(aux_k_loss(pre, residual, W_dec, dead, k_aux=4))
+    )
     assert float(aux_k_loss(pre, residual, W_dec, torch.zeros(10, dtype=torch.bool))) == 0.0
 
 

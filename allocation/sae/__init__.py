@@ -1,11 +1,15 @@
 """Sparse autoencoders whose activation is an allocation rule: TopK, Feature Choice, Mutual Choice.
 
-    from allocation.sae import SparseAutoencoder, TopK, FeatureChoice, MutualChoice
-    sae = SparseAutoencoder(d_in=384, n_features=4096, rule=MutualChoice(k=32))
+from allocation.sae import SparseAutoencoder, TopK, FeatureChoice, MutualChoice, TrainConfig, Trainer
+sae = SparseAutoencoder(d_in=384, n_features=4096, rule=MutualChoice(k=32))
+summary = Trainer(TrainConfig(rule="mutual-choice", k=32, aux="zipf"), "synthetic").run()
 """
 
+from .checkpoint import CheckpointError, export_saelens, load_checkpoint, load_sae, save_sae
+from .data import ActivationSource, ArraySource, load_activations
 from .losses import aux_k_loss, aux_zipf_loss, fvu, mse_loss, zipf_targets
 from .metrics import FeatureUsage, evaluate
+from .minilm import minilm_activations
 from .model import (
     FeatureChoice,
     MutualChoice,
@@ -17,24 +21,42 @@ from .model import (
     make_rule,
 )
 from .sparse import SparseCode, decode_dense, decode_sparse
+from .synthetic import SyntheticSource, feature_recovery
+from .train import StepResult, TrainConfig, Trainer, TrainingDivergedError, train
 
 __all__ = [
+    "ActivationSource",
+    "ArraySource",
+    "CheckpointError",
     "FeatureChoice",
     "FeatureUsage",
     "MutualChoice",
     "SAEOutput",
     "SparseAutoencoder",
     "SparseCode",
+    "StepResult",
+    "SyntheticSource",
     "TopK",
+    "TrainConfig",
+    "Trainer",
+    "TrainingDivergedError",
     "aux_k_loss",
     "aux_zipf_loss",
     "decode_dense",
     "decode_sparse",
     "default_learning_rate",
     "evaluate",
+    "export_saelens",
+    "feature_recovery",
     "fvu",
     "geometric_median",
+    "load_activations",
+    "load_checkpoint",
+    "load_sae",
     "make_rule",
+    "minilm_activations",
     "mse_loss",
+    "save_sae",
+    "train",
     "zipf_targets",
 ]

@@ -52,8 +52,9 @@ def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x_hat - x).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-30)
 
 
-def _residual_reconstruction_loss(pre: Tensor, mask: Tensor, residual: Tensor, W_dec: Tensor,
-                                  reduction: str, sparse: bool) -> Tensor:
+def _residual_reconstruction_loss(
+    pre: Tensor, mask: Tensor, residual: Tensor, W_dec: Tensor, reduction: str, sparse: bool
+) -> Tensor:
     """R(||e_hat - e||^2) / R(||e - mean(e)||^2) with e detached and e_hat decoded without b_dec."""
     target = residual.detach()
     e_hat = decode_mask(pre, mask, W_dec, None, sparse=sparse)
@@ -71,13 +72,23 @@ def _check_k_aux(k_aux: Optional[int], d_in: int) -> int:
 def aux_k_selection(pre: Tensor, dead: Tensor, k_aux: int) -> Tuple[Tensor, float]:
     """Per token, the top-min(k_aux, n_dead) positive dead pre-activations; scale min(n_dead / k_aux, 1)."""
     n_dead = int(dead.sum())
-    scores = torch.where(dead.to(pre.device)[None, :], pre.detach(),
-                         torch.zeros((), dtype=pre.dtype, device=pre.device))
+    scores = torch.where(
+        dead.to(pre.device)[None, :], pre.detach(), torch.zeros((), dtype=pre.dtype, device=pre.device)
+    )
     return topk(scores, min(k_aux, n_dead)), min(n_dead / k_aux, 1.0)
 
 
-def aux_k_loss(pre: Tensor, residual: Tensor, W_dec: Tensor, dead: Tensor, *, k_aux: Optional[int] = None,
-               coefficient: float = ALPHA_AUX, reduction: str = "mean", sparse: bool = True) -> Tensor:
+def aux_k_loss(
+    pre: Tensor,
+    residual: Tensor,
+    W_dec: Tensor,
+    dead: Tensor,
+    *,
+    k_aux: Optional[int] = None,
+    coefficient: float = ALPHA_AUX,
+    reduction: str = "mean",
+    sparse: bool = True,
+) -> Tensor:
     """alpha min(n_dead/k_aux, 1) R(||e_hat - e||^2)/R(||e - mean e||^2), e_hat from top-k_aux dead pre-acts.
 
     pre: (n, F) affinities; residual: (n, d) e = x - x_hat (detached here); W_dec: (F, d);
@@ -146,8 +157,16 @@ def proportional_capacities(weights: Tensor, total: int, limit: int) -> Tensor:
     return base.to(torch.int64).clamp(max=limit)
 
 
-def aux_zipf_selection(pre: Tensor, active: Tensor, usage: Tensor, budget: float, k_aux: int, *,
-                       s: float = 1.0, cap: Optional[float] = 1.0) -> Tuple[Tensor, float]:
+def aux_zipf_selection(
+    pre: Tensor,
+    active: Tensor,
+    usage: Tensor,
+    budget: float,
+    k_aux: int,
+    *,
+    s: float = 1.0,
+    cap: Optional[float] = 1.0,
+) -> Tuple[Tensor, float]:
     """The auxiliary Feature Choice mask of aux_zipf_loss and its scale min(|D| / k_aux, 1)."""
     n_tokens, n_features = pre.shape
     if usage.shape != (n_features,):
@@ -161,10 +180,21 @@ def aux_zipf_selection(pre: Tensor, active: Tensor, usage: Tensor, budget: float
     return feature_choice(scores, capacities.cpu()), min(n_candidates / k_aux, 1.0)
 
 
-def aux_zipf_loss(pre: Tensor, active: Tensor, residual: Tensor, W_dec: Tensor, usage: Tensor,
-                  budget: float, *, s: float = 1.0, k_aux: Optional[int] = None,
-                  coefficient: float = ALPHA_AUX, reduction: str = "mean", cap: Optional[float] = 1.0,
-                  sparse: bool = True) -> Tensor:
+def aux_zipf_loss(
+    pre: Tensor,
+    active: Tensor,
+    residual: Tensor,
+    W_dec: Tensor,
+    usage: Tensor,
+    budget: float,
+    *,
+    s: float = 1.0,
+    k_aux: Optional[int] = None,
+    coefficient: float = ALPHA_AUX,
+    reduction: str = "mean",
+    cap: Optional[float] = 1.0,
+    sparse: bool = True,
+) -> Tensor:
     """Auxiliary loss towards Zipf-shaped feature usage (dead AND under-used features).
 
         t = zipf_targets(usage, budget, s)      t_j = c / r_j^s, sum_j t_j = budget

@@ -81,8 +81,12 @@ def l0_summary(counts: Tensor) -> Dict[str, float]:
     present = torch.nonzero(counts).flatten()
     cumulative = counts.cumsum(0)
     median = int(torch.searchsorted(cumulative, torch.tensor((total + 1) // 2)))
-    return {"mean": float((values * counts).sum() / total), "min": float(present[0]),
-            "p50": float(median), "max": float(present[-1])}
+    return {
+        "mean": float((values * counts).sum() / total),
+        "min": float(present[0]),
+        "p50": float(median),
+        "max": float(present[-1]),
+    }
 
 
 def density_histogram(frequency: Tensor, edges=DENSITY_BINS) -> Dict[str, List]:
@@ -142,8 +146,10 @@ class MetricsWindow:
         }
 
     def state_dict(self) -> Dict[str, Tensor]:
-        return {name: getattr(self, name).clone() for name in
-                ("squared_error", "variance", "l0_counts", "fired", "tokens", "steps", "loss_sums")}
+        return {
+            name: getattr(self, name).clone()
+            for name in ("squared_error", "variance", "l0_counts", "fired", "tokens", "steps", "loss_sums")
+        }
 
     def load_state_dict(self, state: Dict[str, Tensor]) -> None:
         for name, value in state.items():
@@ -166,7 +172,10 @@ def evaluate(sae, batches, *, max_batches: Optional[int] = None) -> dict:
         sae.train(was_training)
     tokens = max(int(window.tokens), 1)
     frequency = window.fired.to(torch.float64) / tokens
-    return {"fvu": float(window.squared_error / window.variance.clamp_min(1e-30)),
-            "l0": l0_summary(window.l0_counts), "tokens": int(window.tokens),
-            "never_fired_fraction": float((frequency == 0).to(torch.float64).mean()),
-            "density": density_histogram(frequency)}
+    return {
+        "fvu": float(window.squared_error / window.variance.clamp_min(1e-30)),
+        "l0": l0_summary(window.l0_counts),
+        "tokens": int(window.tokens),
+        "never_fired_fraction": float((frequency == 0).to(torch.float64).mean()),
+        "density": density_histogram(frequency),
+    }

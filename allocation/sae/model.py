@@ -28,8 +28,10 @@ from .sparse import SparseCode, decode_dense, decode_sparse
 
 
 def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int,)) and not (
-        isinstance(value, float) and value.is_integer()
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int,))
+        and not (isinstance(value, float) and value.is_integer())
     ):
         raise AllocationError(f"{name} must be a positive integer, got {value!r}")
     if int(value) < 1:
@@ -81,8 +83,10 @@ class FeatureChoice:
     def __post_init__(self) -> None:
         given = [v is not None for v in (self.k, self.m, self.capacities)]
         if sum(given) != 1:
-            raise AllocationError("FeatureChoice needs exactly one of k, m or capacities, "
-                                  f"got k={self.k}, m={self.m}, capacities={'set' if given[2] else None}")
+            raise AllocationError(
+                "FeatureChoice needs exactly one of k, m or capacities, "
+                f"got k={self.k}, m={self.m}, capacities={'set' if given[2] else None}"
+            )
         if self.k is not None:
             object.__setattr__(self, "k", _positive_int(self.k, "k"))
         if self.m is not None:
@@ -99,8 +103,10 @@ class FeatureChoice:
         if self.k is not None and self.k > n_features:
             raise AllocationError(f"k={self.k} exceeds n_features={n_features}; choose k <= n_features")
         if self.capacities is not None and len(self.capacities) != n_features:
-            raise AllocationError(f"capacities has {len(self.capacities)} entries but the SAE has "
-                                  f"n_features={n_features}; pass one capacity per feature")
+            raise AllocationError(
+                f"capacities has {len(self.capacities)} entries but the SAE has "
+                f"n_features={n_features}; pass one capacity per feature"
+            )
 
     def capacity(self, n_tokens: int, n_features: int) -> Union[int, Tensor]:
         """Per-feature capacity for a batch of n_tokens: an int, or an int64 (F,) tensor."""
@@ -120,8 +126,12 @@ class FeatureChoice:
         return feature_choice(pre, self.capacity(*pre.shape))
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "k": self.k, "m": self.m,
-                "capacities": list(self.capacities) if self.capacities is not None else None}
+        return {
+            "name": self.name,
+            "k": self.k,
+            "m": self.m,
+            "capacities": list(self.capacities) if self.capacities is not None else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -176,6 +186,10 @@ def rule_from_dict(data: dict) -> Rule:
 # ------------------------------------------------------------------------------------- helpers
 
 
+class NonFiniteAffinitiesError(AllocationError):
+    """Finite activations gave NaN or inf affinities: the SAE's weights have diverged."""
+
+
 def check_activations(x, d_in: int, name: str = "activations") -> Tensor:
     """``x`` as an (n, d_in) float tensor, or AllocationError naming the problem."""
     if not isinstance(x, Tensor):
@@ -183,15 +197,19 @@ def check_activations(x, d_in: int, name: str = "activations") -> Tensor:
     if not x.is_floating_point():
         raise AllocationError(f"{name} must be floating point, got {x.dtype}; call .float() first")
     if x.ndim < 2 or x.shape[-1] != d_in:
-        raise AllocationError(f"{name} must have shape (n_tokens, d_in={d_in}), got {tuple(x.shape)}; "
-                              "the SAE's d_in must match the activations' last dimension")
+        raise AllocationError(
+            f"{name} must have shape (n_tokens, d_in={d_in}), got {tuple(x.shape)}; "
+            "the SAE's d_in must match the activations' last dimension"
+        )
     x = x.reshape(-1, d_in)
     if x.shape[0] == 0:
         raise AllocationError(f"{name} is empty: pass at least one token")
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).any(dim=1).sum())
-        raise AllocationError(f"{name} contain NaN or inf in {bad} of {x.shape[0]} tokens; "
-                              "clean or drop those tokens before training")
+        raise AllocationError(
+            f"{name} contain NaN or inf in {bad} of {x.shape[0]} tokens; "
+            "clean or drop those tokens before training"
+        )
     return x
 
 
@@ -235,14 +253,23 @@ class SparseAutoencoder(nn.Module):
     feature) and Mutual Choice (one global value, stored in every entry); TopK ignores them.
     """
 
-    def __init__(self, d_in: int, n_features: int, rule: Rule, *, decode: str = "auto",
-                 threshold_decay: float = 0.99, seed: Optional[int] = 0) -> None:
+    def __init__(
+        self,
+        d_in: int,
+        n_features: int,
+        rule: Rule,
+        *,
+        decode: str = "auto",
+        threshold_decay: float = 0.99,
+        seed: Optional[int] = 0,
+    ) -> None:
         super().__init__()
         d_in = _positive_int(d_in, "d_in")
         n_features = _positive_int(n_features, "n_features")
         if not isinstance(rule, (TopK, FeatureChoice, MutualChoice)):
             raise AllocationError(
-                f"rule must be TopK, FeatureChoice or MutualChoice, got {type(rule).__name__}")
+                f"rule must be TopK, FeatureChoice or MutualChoice, got {type(rule).__name__}"
+            )
         rule.validate(n_features)
         if decode not in ("auto", "sparse", "dense"):
             raise AllocationError(f"decode must be 'auto', 'sparse' or 'dense', got {decode!r}")
@@ -262,14 +289,24 @@ class SparseAutoencoder(nn.Module):
 
     # ---- configuration
     def config(self) -> dict:
-        return {"d_in": self.d_in, "n_features": self.n_features, "rule": self.rule.to_dict(),
-                "decode": self.decode_mode, "threshold_decay": self.threshold_decay}
+        return {
+            "d_in": self.d_in,
+            "n_features": self.n_features,
+            "rule": self.rule.to_dict(),
+            "decode": self.decode_mode,
+            "threshold_decay": self.threshold_decay,
+        }
 
     @classmethod
     def from_config(cls, cfg: dict) -> "SparseAutoencoder":
-        return cls(cfg["d_in"], cfg["n_features"], rule_from_dict(cfg["rule"]),
-                   decode=cfg.get("decode", "auto"), threshold_decay=cfg.get("threshold_decay", 0.99),
-                   seed=None)
+        return cls(
+            cfg["d_in"],
+            cfg["n_features"],
+            rule_from_dict(cfg["rule"]),
+            decode=cfg.get("decode", "auto"),
+            threshold_decay=cfg.get("threshold_decay", 0.99),
+            seed=None,
+        )
 
     # ---- initialisation and decoder geometry
     @torch.no_grad()
@@ -345,6 +382,11 @@ class SparseAutoencoder(nn.Module):
 
     def select(self, pre: Tensor) -> Tensor:
         """Kept mask (n, F): the rule in training mode; thresholds (or TopK) in eval mode."""
+        if not bool(torch.isfinite(pre).all()):
+            raise NonFiniteAffinitiesError(
+                "the encoder produced NaN or inf affinities from finite activations: the SAE's weights "
+                "have diverged (check W_enc, b_enc, b_dec)"
+            )
         if self.training or not self.rule.batch_dependent:
             return self.rule.select(pre)
         return pre > self.threshold.clamp_min(0)

@@ -46,8 +46,14 @@ class SparseCode:
         token_index, feature_index = mask.nonzero(as_tuple=True)
         counts = mask.sum(dim=1)
         offsets = torch.cumsum(counts, 0) - counts
-        return cls(token_index, feature_index, scores[token_index, feature_index], offsets, counts,
-                   int(scores.shape[1]))
+        return cls(
+            token_index,
+            feature_index,
+            scores[token_index, feature_index],
+            offsets,
+            counts,
+            int(scores.shape[1]),
+        )
 
     def to_dense(self) -> Tensor:
         """The dense (n_tokens, n_features) activation matrix (zeros where nothing was kept)."""
@@ -57,8 +63,9 @@ class SparseCode:
 
 def decode_sparse(code: SparseCode, W_dec: Tensor, b_dec: Optional[Tensor] = None) -> Tensor:
     """x_hat = f @ W_dec (+ b_dec) from the kept entries only: embedding_bag(sum, weights=values)."""
-    x_hat = F.embedding_bag(code.feature_index, W_dec, code.offsets, mode="sum",
-                            per_sample_weights=code.values)
+    x_hat = F.embedding_bag(
+        code.feature_index, W_dec, code.offsets, mode="sum", per_sample_weights=code.values
+    )
     return x_hat if b_dec is None else x_hat + b_dec
 
 
@@ -68,8 +75,9 @@ def decode_dense(activations: Tensor, W_dec: Tensor, b_dec: Optional[Tensor] = N
     return x_hat if b_dec is None else x_hat + b_dec
 
 
-def decode_mask(scores: Tensor, mask: Tensor, W_dec: Tensor, b_dec: Optional[Tensor] = None,
-                *, sparse: bool = True) -> Tensor:
+def decode_mask(
+    scores: Tensor, mask: Tensor, W_dec: Tensor, b_dec: Optional[Tensor] = None, *, sparse: bool = True
+) -> Tensor:
     """Decode the activations ``scores * mask`` sparsely (default) or densely; same value and grads."""
     if sparse:
         return decode_sparse(SparseCode.from_mask(scores, mask), W_dec, b_dec)
