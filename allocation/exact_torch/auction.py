@@ -44,6 +44,9 @@ class AuctionResult:
 
 CANDIDATES_PER_CAP = 4  # candidate features per token: 4 * max cap + 16, or all of them
 CANDIDATES_EXTRA = 16
+LOWERING_PASSES = 20  # reverse-auction passes at the start of a phase
+MAX_SETTLES = 50  # restore-bid-clean cycles per phase before giving up
+PHANTOM = -1  # token index of a seat whose token left it: it keeps its price until outbid
 
 
 class Market:
@@ -72,7 +75,7 @@ class Market:
 
     # ----- derived quantities -------------------------------------------------------------
     def _recount(self) -> None:
-        self.row_count = torch.bincount(self.tok, minlength=self.n)
+        self.row_count = torch.bincount(self.tok[self.tok >= 0], minlength=self.n)
         self.col_count = torch.bincount(self.feat, minlength=self.f)
         self.free = self.token_caps - self.row_count
 
@@ -175,7 +178,7 @@ class Market:
                 cheapest = torch.topk(price[kept], excess, largest=False).indices
                 keep[kept[cheapest]] = False
 
-        lost = ~keep & ~is_new
+        lost = ~keep & ~is_new & (tok >= 0)
         won = keep & is_new
         self.held[tok[lost], feat[lost]] = False
         self.held[tok[won], feat[won]] = True
@@ -184,34 +187,49 @@ class Market:
         self._recount()
 
     # ----- phase changes --------------------------------------------------------------------
-    def restore_slackness(self, eps: float, lowering_passes: int = 20) -> None:
+    def restore_slackness(self, eps: float, lowering_passes: int = LOWERING_PASSES) -> None:
         """Make every held entry eps-slack again: S_ij - t_e >= max(0, best unheld profit) - eps.
 
         First lower the violating prices to S_ij - best_i + eps (a reverse-auction step; prices
-        stay positive), a few passes since a lower price can raise another token's best profit;
-        then drop whatever still violates, repeatedly, until nothing does. Both keep the derived
-        prices consistent, so the forward auction that follows ends eps-slack.
+        stay >= eps), a few passes since a lower price can raise another token's best profit. An
+        entry that still violates loses its token: dropped if no price depends on it (its feature
+        and the budget not full), else its seat and price go to a phantom holder, so that no price
+        falls and no cascade starts. Either way the forward auction that follows ends eps-slack.
         """
         for _ in range(lowering_passes):
             ceiling = self._price_ceiling(eps)
             if ceiling is None or bool((self.price <= ceiling).all()):
                 return
             lowered = torch.minimum(self.price, ceiling)
-            lowered = torch.where(lowered >= eps, lowered, self.price)  # never below eps: drop those
+            lowered = torch.where(lowered >= eps, lowered, self.price)
             if bool((lowered == self.price).all()):
                 break
             self.price = lowered
-        while True:
-            ceiling = self._price_ceiling(eps)
-            if ceiling is None:
-                return
-            violating = self.price > ceiling
-            if not bool(violating.any()):
-                return
-            self.held[self.tok[violating], self.feat[violating]] = False
-            keep = ~violating
-            self.tok, self.feat, self.price = self.tok[keep], self.feat[keep], self.price[keep]
-            self._recount()
+        ceiling = self._price_ceiling(eps)
+        if ceiling is None:
+            return
+        violating = self.price > ceiling
+        if not bool(violating.any()):
+            return
+        which = torch.nonzero(violating).squeeze(1)
+        self.held[self.tok[which], self.feat[which]] = False
+        pinned = self.col_count[self.feat[which]] >= self.feature_caps[self.feat[which]]
+        if self.budget_full():
+            pinned[:] = True
+        self.tok[which[pinned]] = PHANTOM
+        keep = torch.ones_like(violating)
+        keep[which[~pinned]] = False
+        self.tok, self.feat, self.price = self.tok[keep], self.feat[keep], self.price[keep]
+        self._recount()
+
+    def remove_phantoms(self) -> bool:
+        """Drop the phantom seats (their prices fall back); returns True if there were any."""
+        real = self.tok >= 0
+        if bool(real.all()):
+            return False
+        self.tok, self.feat, self.price = self.tok[real], self.feat[real], self.price[real]
+        self._recount()
+        return True
 
     def _price_ceiling(self, eps: float) -> Optional[Tensor]:
         """Highest price each held entry may carry to be eps-slack: S_ij - max(0, best_i) + eps."""
@@ -219,14 +237,17 @@ class Market:
             return None
         entry, lam = self.prices()
         best = self.best_unheld_profit(entry, lam)
-        return self.scores[self.tok, self.feat] - best[self.tok] + eps
+        tok = self.tok.clamp(min=0)  # a phantom's ceiling is its own price: it never violates
+        ceiling = self.scores[tok, self.feat] - best[tok] + eps
+        return torch.where(self.tok >= 0, ceiling, self.price)
 
     def objective(self) -> float:
         """Sum of the held scores (float64)."""
-        return float(self.scores[self.tok, self.feat].sum())
+        real = self.tok >= 0
+        return float(self.scores[self.tok[real], self.feat[real]].sum())
 
     def count(self) -> int:
-        return self.tok.numel()
+        return int((self.tok >= 0).sum())
 
     def result(self) -> AuctionResult:
         entry, lam = self.prices()
@@ -239,16 +260,20 @@ class Market:
         return AuctionResult(self.held.clone(), token_prices, feature_prices, lam)
 
 
-def settle(market: "Market", eps: float, max_rounds: int) -> int:
-    """Restore eps-slackness, then bid at ``eps`` until no token bids; returns the rounds used.
+def settle(market: "Market", eps: float, max_rounds: int, max_settles: int = MAX_SETTLES) -> int:
+    """Restore eps-slackness and bid at ``eps`` until no token bids and no phantom is left.
 
-    Returns -1 when ``max_rounds`` rounds did not settle it.
+    Returns the rounds used, or -1 when ``max_rounds`` rounds or ``max_settles`` restorations did
+    not settle it (the caller then falls back to the exact CPU solver).
     """
-    market.restore_slackness(eps)
-    market.quiet.zero_()
     rounds = 0
-    while market.bid_round(eps):
-        rounds += 1
-        if rounds >= max_rounds:
-            return -1
-    return rounds
+    for _ in range(max_settles):
+        market.restore_slackness(eps)
+        market.quiet.zero_()
+        while market.bid_round(eps):
+            rounds += 1
+            if rounds >= max_rounds:
+                return -1
+        if not market.remove_phantoms():
+            return rounds
+    return -1
