@@ -20,6 +20,7 @@ from .rules import (
     topk,
     topk_activations,
 )
+from .verification import VerificationReport, verify
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "InfeasibleError",
     "NotGreedyExactError",
     "SolverError",
+    "VerificationReport",
     "activations",
     "allocate",
     "allocate_activations",
@@ -40,4 +42,5 @@ __all__ = [
     "solve",
     "topk",
     "topk_activations",
+    "verify",
 ]
