@@ -91,14 +91,15 @@ def top_overall_blocked(scores: Tensor, total: int) -> Optional[Tensor]:
     coarse_rows = -(-2 * total // n_features)  # the coarse level keeps >= 2 * total maxima
     coarse = row_block_max(fine, max(1, fine.shape[0] // coarse_rows)).reshape(1, -1)
     threshold = _at_least_positive(kth_largest(coarse, wanted))
-    cells = (fine >= threshold).reshape(-1).nonzero().squeeze(1)  # flat (block, column) ids
-    cell_max = fine.reshape(-1)[cells]
-    if cells.numel() > total:  # refine: the total-th largest maximum among the candidate blocks
-        threshold = _at_least_positive(kth_largest(cell_max[None], wanted))
-        cells = cells[cell_max >= threshold[0]]
-    if cells.numel() * ROWS_PER_BLOCK > MAX_GATHER_FRACTION * scores.numel():
+    blocks, columns = (fine >= threshold).nonzero().unbind(1)
+    if blocks.numel() > total:  # refine: the total-th largest maximum among the candidate blocks
+        block_max = fine[blocks, columns]
+        threshold = _at_least_positive(kth_largest(block_max[None], wanted))
+        keep = (block_max >= threshold[0]).nonzero().squeeze(1)
+        blocks, columns = blocks[keep], columns[keep]
+    if blocks.numel() * ROWS_PER_BLOCK > MAX_GATHER_FRACTION * scores.numel():
         return None
-    index, values = _gather_cells(scores, cells)  # (cells, ROWS_PER_BLOCK) flat ids and values
+    index, values = _gather_cells(scores, blocks, columns)  # (cells, ROWS_PER_BLOCK) flat ids, values
     candidate = (values >= threshold).reshape(-1).nonzero().squeeze(1)
     chosen = top_in_rows(values.reshape(1, -1)[:, candidate], wanted)[0]
     return _mask_from(scores, index.reshape(-1)[candidate[chosen]])
@@ -111,22 +112,20 @@ def top_per_column_blocked(scores: Tensor, counts: Tensor) -> Optional[Tensor]:
         return torch.zeros_like(scores, dtype=torch.bool)
     fine = row_block_max(scores, ROWS_PER_BLOCK)  # (n_blocks, F)
     threshold = _at_least_positive(_column_thresholds(fine, counts))  # (F,)
-    columns, blocks = (fine >= threshold).t().contiguous().nonzero().unbind(1)  # grouped by column
-    if columns.numel() * ROWS_PER_BLOCK > MAX_GATHER_FRACTION * scores.numel():
+    candidate = fine >= threshold  # (n_blocks, F): blocks that can hold a chosen entry
+    columns, blocks = candidate.t().contiguous().nonzero().unbind(1)  # grouped by column
+    if blocks.numel() * ROWS_PER_BLOCK > MAX_GATHER_FRACTION * scores.numel():
         return None
-    table, slot = _blocks_by_column(columns, blocks, n_features)  # (F, width) cell ids, -1 = none
-    if table.numel() * ROWS_PER_BLOCK > 2 * MAX_GATHER_FRACTION * scores.numel():
+    slot, width = _slots_in_column(columns, n_features)
+    if n_features * width * ROWS_PER_BLOCK > 2 * MAX_GATHER_FRACTION * scores.numel():
         return None  # counts so skewed that the padded per-column layout would be large
-    width = table.shape[1]
     if width == 0:  # no positive entry anywhere
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    index, values = _gather_cells(scores, blocks * n_features + columns)  # (cells, ROWS_PER_BLOCK)
+    index, values = _gather_cells(scores, blocks, columns)  # (cells, ROWS_PER_BLOCK)
     by_column = values.new_full((n_features, width, ROWS_PER_BLOCK), float("-inf"))
-    by_column[columns, slot] = values
-    chosen = top_in_rows(by_column.reshape(n_features, -1), counts).reshape(n_features, width, -1)
-    column, slot, offset = chosen.nonzero().unbind(1)
-    block = table[column, slot] // n_features
-    return _mask_from(scores, (block * ROWS_PER_BLOCK + offset) * n_features + column)
+    by_column[columns, slot] = values  # column j's candidates in row j, ascending rows
+    chosen = top_in_rows(by_column.reshape(n_features, -1), counts).reshape(by_column.shape)
+    return _mask_from(scores, index[chosen[columns, slot]])
 
 
 def kth_largest(values: Tensor, counts: Tensor) -> Tensor:
@@ -194,28 +193,22 @@ def _column_thresholds(fine: Tensor, counts: Tensor) -> Tensor:
     return torch.where(counts == 0, inf, threshold)
 
 
-def _blocks_by_column(columns: Tensor, blocks: Tensor, n_features: int) -> tuple[Tensor, Tensor]:
-    """Cells (sorted by column) as a (F, width) table of flat cell ids (block * F + column), -1 pads.
-
-    Also returns each cell's slot, its position within its column's row of the table.
-    """
+def _slots_in_column(columns: Tensor, n_features: int) -> tuple[Tensor, int]:
+    """For column ids sorted ascending: each one's position within its column, and the largest count."""
     per_column = torch.bincount(columns, minlength=n_features)
-    width = int(per_column.max()) if per_column.numel() else 0
-    slot = torch.arange(columns.numel(), device=columns.device) - (per_column.cumsum(0) - per_column)[columns]
-    table = torch.full((n_features, width), -1, dtype=torch.long, device=columns.device)
-    table[columns, slot] = blocks * n_features + columns
-    return table, slot
+    first = per_column.cumsum(0) - per_column
+    slot = torch.arange(columns.numel(), device=columns.device) - first[columns]
+    return slot, int(per_column.max()) if columns.numel() else 0
 
 
-def _gather_cells(scores: Tensor, cells: Tensor) -> tuple[Tensor, Tensor]:
-    """Flat indices and values of the fine blocks ``cells`` (flat ids block * F + column).
+def _gather_cells(scores: Tensor, blocks: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
+    """Flat indices and values of the fine blocks (blocks[c], columns[c]): two (cells, ROWS_PER_BLOCK).
 
-    Returns two (cells, ROWS_PER_BLOCK) tensors; rows past the matrix get value -inf (never chosen).
+    Rows past the matrix (a short last block) get value -inf, which is never chosen.
     """
     n_rows, n_features = scores.shape
-    block, column = cells // n_features, cells % n_features
     step = torch.arange(ROWS_PER_BLOCK, device=scores.device) * n_features
-    index = (block * (ROWS_PER_BLOCK * n_features) + column)[:, None] + step
+    index = (blocks * (ROWS_PER_BLOCK * n_features) + columns)[:, None] + step
     if n_rows % ROWS_PER_BLOCK == 0:
         return index, scores.reshape(-1).take(index)
     past_end = index >= scores.numel()
