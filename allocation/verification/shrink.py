@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-MAX_ATTEMPTS = 400  # bound on rule evaluations; one sweep costs at most n + F + 3 n F
+MAX_ATTEMPTS = 400  # bound on rule evaluations; one sweep costs at most 1 + n + F + 4 n F
 
 
 def shrink_matrix(
@@ -27,8 +27,9 @@ def shrink_matrix(
 
     ``still_fails(candidate)`` returns a truthy failure record when ``candidate`` fails, else None;
     ``result`` is the record for ``scores`` itself when already known.
-    Tries, in order and until a fixed point: deleting each row (down to ``min_tokens``), each column
-    (down to ``min_features``), then setting each entry to 0, to +-1 (its sign) or to its rounding.
+    Sweeps until a fixed point: halving every entry at once (rounded), deleting each row (down to
+    ``min_tokens``) and each column (down to ``min_features``), then setting each entry to 0, to +-1
+    (its sign), to its rounding, or one step nearer 0.
     """
     result = result or still_fails(scores)
     if not result:
@@ -44,6 +45,11 @@ def shrink_matrix(
     changed = True
     while changed and budget[0] > 0:
         changed = False
+        halved = torch.round(scores / 2)  # all entries at once: keeps sums vs. single entries in balance
+        if not torch.equal(halved, scores):
+            outcome = attempt(halved)
+            if outcome:
+                scores, result, changed = halved, outcome, True
         for i in reversed(range(scores.shape[0])):  # backwards: a deletion leaves lower indices valid
             if scores.shape[0] > min_tokens:
                 candidate = torch.cat([scores[:i], scores[i + 1:]], dim=0)
@@ -69,10 +75,11 @@ def shrink_matrix(
 
 
 def _simpler_values(value: float) -> list:
-    """0, the sign (+-1) and the rounding of ``value``, kept only when simpler by (non-integer, |x|),
-    a well-founded order, so the pass cannot cycle."""
+    """0, the sign (+-1), the rounding of ``value`` and one step nearer 0 from it, kept only when
+    simpler by (non-integer, |x|), a well-founded order, so the pass cannot cycle."""
     def key(x: float) -> tuple:
         return (x != round(x), abs(x))
 
-    candidates = (0.0, 1.0 if value > 0 else -1.0, float(round(value)))
+    sign = 1.0 if value > 0 else -1.0
+    candidates = (0.0, sign, float(round(value)), float(round(value)) - sign)
     return [c for c in dict.fromkeys(candidates) if key(c) < key(value)]
