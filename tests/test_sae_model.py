@@ -205,7 +205,7 @@ def test_eval_code_does_not_depend_on_batch_mates():
 
 
 def test_thresholds_are_a_bias_corrected_running_average():
-    sae = SparseAutoencoder(16, 64, MutualChoice(4), threshold_decay=0.5)
+    sae = SparseAutoencoder(16, 64, MutualChoice(4), threshold_decay=0.5, threshold_correction=0.0)
     prices = []
     for seed in range(3):
         out = sae(_data(32, seed=seed) * 3)
@@ -213,3 +213,24 @@ def test_thresholds_are_a_bias_corrected_running_average():
         sae.update_thresholds(out.pre, out.mask)
     expected = (0.25 * prices[0] + 0.5 * prices[1] + prices[2]) / 1.75
     assert float(sae.threshold[0]) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("rule", [FeatureChoice(k=4), MutualChoice(4)], ids=lambda r: r.name)
+def test_count_correction_removes_the_bias_of_averaged_prices_on_bursty_batches(rule):
+    """Batches alternate between scale 1 and 4: the average of per-batch prices keeps too few
+    entries at eval; the dual-subgradient correction brings the expected count back to the budget."""
+
+    def batch(index, generator):
+        return torch.randn(64, 32, generator=generator) * (4.0 if index % 2 else 1.0)
+
+    mean_l0 = {}
+    for correction in (0.0, 0.02):
+        sae = SparseAutoencoder(8, 32, rule, threshold_correction=correction)
+        generator = torch.Generator().manual_seed(0)
+        for index in range(2000):
+            pre = batch(index, generator)
+            sae.update_thresholds(pre, rule.select(pre))
+        held_out = [batch(index, generator) for index in range(200)]
+        mean_l0[correction] = sum(float((pre > sae.threshold).sum()) for pre in held_out) / (200 * 64)
+    assert abs(mean_l0[0.0] - 4) > 0.16  # plain averaging: off by more than 4%
+    assert abs(mean_l0[0.02] - 4) < 0.1  # corrected: within 2.5%

@@ -261,6 +261,7 @@ class SparseAutoencoder(nn.Module):
         *,
         decode: str = "auto",
         threshold_decay: float = 0.99,
+        threshold_correction: float = 0.02,
         seed: Optional[int] = 0,
     ) -> None:
         super().__init__()
@@ -275,6 +276,9 @@ class SparseAutoencoder(nn.Module):
             raise AllocationError(f"decode must be 'auto', 'sparse' or 'dense', got {decode!r}")
         if not 0.0 <= threshold_decay < 1.0:
             raise AllocationError(f"threshold_decay must be in [0, 1), got {threshold_decay}")
+        if not 0.0 <= threshold_correction <= 1.0:
+            raise AllocationError(f"threshold_correction must be in [0, 1], got {threshold_correction}")
+        self.threshold_correction = float(threshold_correction)
         self.d_in, self.n_features, self.rule = d_in, n_features, rule
         self.decode_mode, self.threshold_decay = decode, float(threshold_decay)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -286,6 +290,8 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("threshold_sum", torch.zeros(n_features, dtype=torch.float64))
         self.register_buffer("threshold_weight", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("threshold_offset", torch.zeros(n_features, dtype=torch.float64))
+        self.register_buffer("threshold_iterate", torch.zeros(n_features, dtype=torch.float64))
 
     # ---- configuration
     def config(self) -> dict:
@@ -295,6 +301,7 @@ class SparseAutoencoder(nn.Module):
             "rule": self.rule.to_dict(),
             "decode": self.decode_mode,
             "threshold_decay": self.threshold_decay,
+            "threshold_correction": self.threshold_correction,
         }
 
     @classmethod
@@ -305,6 +312,7 @@ class SparseAutoencoder(nn.Module):
             rule_from_dict(cfg["rule"]),
             decode=cfg.get("decode", "auto"),
             threshold_decay=cfg.get("threshold_decay", 0.99),
+            threshold_correction=cfg.get("threshold_correction", 0.02),
             seed=None,
         )
 
@@ -330,10 +338,11 @@ class SparseAutoencoder(nn.Module):
     # ---- thresholds (dual prices) for batch-independent inference
     @property
     def threshold(self) -> Tensor:
-        """Running estimate of the dual prices (F,): bias-corrected exponential moving average."""
+        """Running dual prices (F,): moving average of batch prices plus the count-matching correction."""
         if float(self.threshold_weight) == 0.0:
             return torch.zeros(self.n_features, dtype=self.W_enc.dtype, device=self.W_enc.device)
-        return (self.threshold_sum / self.threshold_weight).to(self.W_enc.dtype)
+        average = self.threshold_sum / self.threshold_weight
+        return (average + self.threshold_offset).clamp_min(0).to(self.W_enc.dtype)
 
     @torch.no_grad()
     def batch_threshold(self, pre: Tensor, mask: Tensor) -> Optional[Tensor]:
@@ -366,10 +375,39 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def update_thresholds(self, pre: Tensor, mask: Tensor) -> None:
-        """Fold this batch's dual prices into the running (exponentially weighted) estimate."""
+        """Fold this batch's dual prices into the running estimate t = a + c (clipped at 0).
+
+        a: bias-corrected exponential moving average of the batch prices (decay ``threshold_decay``).
+        c: a dual-subgradient correction, iterate c' += eta * a * (count(a + c') - cap) / cap, where
+        count is how many of this batch's scores exceed a + c' (per feature for Feature Choice, in
+        all for Mutual Choice) and cap the rule's capacity (m_j, or k n); c is the moving average of
+        the iterates (Polyak averaging, same decay). An average of per-batch order statistics is
+        biased for bursty features (on average fewer than cap scores exceed it); the correction
+        drives the expected count at the eval threshold to the training budget.
+        """
         price = self.batch_threshold(pre, mask)
         if price is None:
             return
+        if float(self.threshold_weight) > 0.0 and self.threshold_correction > 0.0:
+            average = self.threshold_sum / self.threshold_weight
+            current = (average + self.threshold_iterate).clamp_min(0).to(pre.dtype)
+            if isinstance(self.rule, MutualChoice):
+                above = (pre > current[0]).sum().to(torch.float64)
+                capacity = float(self.rule.budget(*pre.shape))
+                error = torch.full_like(average, (float(above) - capacity) / max(capacity, 1.0))
+            else:
+                above = (pre > current).sum(dim=0).to(torch.float64)
+                capacity = self.rule.capacity(*pre.shape)
+                capacity = (
+                    capacity.to(device=pre.device, dtype=torch.float64)
+                    if isinstance(capacity, Tensor)
+                    else torch.full_like(average, float(capacity))
+                )
+                error = (above - capacity) / capacity.clamp_min(1.0)
+            self.threshold_iterate.add_(self.threshold_correction * average * error)
+            self.threshold_iterate.clamp_(min=-average)
+            decay = self.threshold_decay
+            self.threshold_offset.mul_(decay).add_(self.threshold_iterate, alpha=1 - decay)
         decay = self.threshold_decay
         self.threshold_sum.mul_(decay).add_(price.to(torch.float64), alpha=1 - decay)
         self.threshold_weight.mul_(decay).add_(1 - decay)

@@ -70,6 +70,7 @@ class TrainConfig:
     aux_coefficient: float = 1.0 / 32.0
     zipf_s: float = 1.0
     threshold_decay: float = 0.99
+    threshold_correction: float = 0.02  # dual-subgradient step of the eval thresholds (0: plain average)
     decode: str = "auto"  # auto | sparse | dense
     reduction: str = "mean"
     metrics_every: int = 100
@@ -194,6 +195,7 @@ class Trainer:
                 rule,
                 decode=config.decode,
                 threshold_decay=config.threshold_decay,
+                threshold_correction=config.threshold_correction,
                 seed=config.seed,
             )
             sae.initialize_b_dec(self.source.sample(config.b_dec_sample, seed=config.seed))
