@@ -71,6 +71,12 @@ class Market:
         self.cand_score, self.cand_index = top[:, :width].contiguous(), at[:, :width].contiguous()
         self.outside_max = top[:, width] if width < self.f else torch.full(
             (self.n,), float("-inf"), dtype=torch.float64, device=device)
+        self.held_cand = torch.zeros(self.n, width, dtype=torch.bool, device=device)
+        # position of feature j in token i's candidates, or -1 (int16 or int32: small next to S)
+        position_type = torch.int16 if width < 2**15 else torch.int32
+        self.cand_position = torch.full((self.n, self.f), -1, dtype=position_type, device=device)
+        positions = torch.arange(width, dtype=position_type, device=device).expand(self.n, width)
+        self.cand_position.scatter_(1, self.cand_index, positions)
         self._recount()
 
     # ----- derived quantities -------------------------------------------------------------
@@ -93,36 +99,50 @@ class Market:
 
     def best_unheld_profit(self, entry: Tensor, lam: float) -> Tensor:
         """max(0, max_{j unheld} S_ij - entry_j) per token."""
-        rows = torch.arange(self.n, device=self.scores.device)
-        values, _ = self._top_profits(rows, entry, lam, torch.ones_like(rows))
+        values, _ = self._top_profits(None, entry, lam, torch.ones(self.n, dtype=torch.long))
         return values[:, 0].clamp(min=0.0)
 
-    def _top_profits(self, rows: Tensor, entry: Tensor, lam: float, free: Tensor):
+    def _top_profits(self, rows: Optional[Tensor], entry: Tensor, lam: float, free: Tensor):
         """The free_i + 1 best unheld profits S_ij - entry_j of each token in ``rows``, best first.
 
         Returns (values, feature index), both (len(rows), width) with width = max(free) + 1 (at
         most F), -inf past a row's unheld features. Each token first looks only at its candidate
         features (its largest scores); that is exact when the profit it would need to beat, w_i,
         is at least (largest score outside the candidates) - lambda, since entry_j >= lambda.
-        Other rows are done over all features.
+        Other rows are done over all features. ``rows`` None means every token.
         """
+        device = self.scores.device
+        if rows is None:
+            rows = torch.arange(self.n, device=device)
+            cand, cand_score, cand_held = self.cand_index, self.cand_score, self.held_cand
+            outside = self.outside_max
+        else:
+            cand, cand_score, cand_held = self.cand_index[rows], self.cand_score[rows], self.held_cand[rows]
+            outside = self.outside_max[rows]
+        free = free.to(device)
         width = min(int(free.max()) + 1, self.f)
-        values = torch.full((rows.numel(), width), float("-inf"), dtype=torch.float64, device=rows.device)
-        index = torch.zeros((rows.numel(), width), dtype=torch.long, device=rows.device)
-        full_rows = torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
-        if width <= self.cand_index.shape[1] < self.f:
-            cand = self.cand_index[rows]
-            profit = self.cand_score[rows] - entry[cand]
-            profit.masked_fill_(self.held[rows[:, None], cand], float("-inf"))
-            top, at = profit.topk(width, dim=1)
-            needed = top.gather(1, (free.clamp(max=width - 1))[:, None]).squeeze(1).clamp(min=0.0)
-            full_rows = self.outside_max[rows] - lam > needed
-            values[~full_rows], index[~full_rows] = top[~full_rows], cand.gather(1, at)[~full_rows]
-        if bool(full_rows.any()):
+        if width <= cand.shape[1] < self.f:
+            profit = (cand_score - entry[cand]).masked_fill_(cand_held, float("-inf"))
+            values, at = profit.topk(width, dim=1)
+            index = cand.gather(1, at)
+            needed = values.gather(1, (free.clamp(max=width - 1))[:, None]).squeeze(1).clamp(min=0.0)
+            full_rows = torch.nonzero(outside - lam > needed).squeeze(1)  # candidates may miss one
+        else:
+            values = torch.empty((rows.numel(), width), dtype=torch.float64, device=device)
+            index = torch.empty((rows.numel(), width), dtype=torch.long, device=device)
+            full_rows = torch.arange(rows.numel(), device=device)
+        if full_rows.numel():
             some = rows[full_rows]
             profit = (self.scores[some] - entry[None, :]).masked_fill_(self.held[some], float("-inf"))
             values[full_rows], index[full_rows] = profit.topk(width, dim=1)
         return values, index
+
+    def _set_held(self, tok: Tensor, feat: Tensor, value: bool) -> None:
+        """Mark (tok, feat) held or not, in the dense mask and in the candidate coordinates."""
+        self.held[tok, feat] = value
+        position = self.cand_position[tok, feat].long()
+        hit = position >= 0
+        self.held_cand[tok[hit], position[hit]] = value
 
     # ----- one bidding round --------------------------------------------------------------
     def bid_round(self, eps: float) -> bool:
@@ -180,8 +200,8 @@ class Market:
 
         lost = ~keep & ~is_new & (tok >= 0)
         won = keep & is_new
-        self.held[tok[lost], feat[lost]] = False
-        self.held[tok[won], feat[won]] = True
+        self._set_held(tok[lost], feat[lost], False)
+        self._set_held(tok[won], feat[won], True)
         self.quiet[tok[lost]] = False
         self.tok, self.feat, self.price = tok[keep], feat[keep], price[keep]
         self._recount()
@@ -212,7 +232,7 @@ class Market:
         if not bool(violating.any()):
             return
         which = torch.nonzero(violating).squeeze(1)
-        self.held[self.tok[which], self.feat[which]] = False
+        self._set_held(self.tok[which], self.feat[which], False)
         pinned = self.col_count[self.feat[which]] >= self.feature_caps[self.feat[which]]
         if self.budget_full():
             pinned[:] = True

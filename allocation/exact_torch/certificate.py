@@ -57,10 +57,10 @@ def check_certificate(
 ) -> Certificate:
     """Check feasibility, complementary slackness and the duality gap of (mask, a, b, lambda)."""
     failures = []
-    positive = scores > 0
     rows, cols = mask.sum(dim=1), mask.sum(dim=0)
     total = int(rows.sum())
-    if bool((mask & ~positive).any()):
+    selected_scores = scores[mask]
+    if bool((selected_scores <= 0).any()):
         failures.append("selects a non-positive score")
     if bool((rows > token_caps).any()):
         failures.append("per-token cap exceeded")
@@ -80,23 +80,26 @@ def check_certificate(
     if budget_price > 0 and (budget is None or total < budget):
         failures.append("priced budget not used up")
 
-    reduced = scores - token_prices[:, None] - feature_prices[None, :] - budget_price
-    below = (-reduced).masked_fill(~mask, float("-inf"))
-    above = reduced.masked_fill(mask | ~positive, float("-inf"))
-    selected_violation = max(float(below.max()), 0.0)
-    unselected_violation = max(float(above.max()), 0.0)
+    # reduced scores r_ij = S_ij - a_i - b_j - lambda; r <= 0 wherever S <= 0 (prices are >= 0)
+    reduced = scores - token_prices[:, None]
+    reduced -= feature_prices[None, :]
+    reduced -= budget_price
+    selected_reduced = reduced[mask]
+    selected_violation = max(float(-selected_reduced.min()), 0.0) if selected_reduced.numel() else 0.0
+    positive_part = reduced.clamp_(min=0.0)  # in place: the matrix is not needed any more
+    positive_part_sum = float(positive_part.sum())
+    unselected_violation = float(positive_part.masked_fill_(mask, 0.0).max())
     if selected_violation > entry_tolerance:
         failures.append("selected entry below its threshold")
     if unselected_violation > entry_tolerance:
         failures.append("unselected positive entry above its threshold")
 
-    primal = float(scores[mask].sum())
+    primal = float(selected_scores.sum())
     budget_term = budget * budget_price if budget is not None and budget_price > 0 else 0.0
     dual = float(
         (token_caps.to(torch.float64) * token_prices).sum()
         + (feature_caps.to(torch.float64) * feature_prices).sum()
-        + reduced.clamp(min=0.0).sum()
-    ) + budget_term
+    ) + positive_part_sum + budget_term
     gap = dual - primal
     if not gap <= gap_tolerance:
         failures.append("duality gap too large")
