@@ -29,6 +29,10 @@ lint: install
 demo: install
 	$(VENV)/bin/allocation solve --random 8x16 --seed 0 --topk 2
 
+# Every benchmark (JSON in benchmarks/results/), then the README's performance section from them.
+bench: install
+	$(PY) benchmarks/run_all.py
+
 # Re-execute every tutorial in place, keeping its outputs (inline figures: no MPLBACKEND override).
 notebooks: install
 	for notebook in tutorials/[0-9]*.ipynb; do \

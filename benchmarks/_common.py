@@ -1,0 +1,85 @@
+"""Shared helpers for the benchmark scripts: timing, machine description, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+LOAD_CAVEAT = (
+    "CPU timings come from a 2-core machine shared with other jobs: absolute times vary run to run "
+    "(see load_average); ratios are measured in one process with the methods interleaved."
+)
+
+
+def device_label(device: torch.device) -> str:
+    """'cpu' or 'cuda': the suffix of the result file names."""
+    return device.type
+
+
+def machine(device: torch.device) -> dict:
+    """What ran the benchmark: device name, torch version, threads, load average."""
+    name = platform.processor() or platform.machine()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    return {
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (CUDA) so that wall time covers the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(function: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of one call, synchronised."""
+    synchronize(device)
+    start = time.perf_counter()
+    function()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved_medians(methods: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                        warmup: int = 1) -> dict[str, list[float]]:
+    """Time every method ``repeats`` times, interleaved (method A, B, C, A, B, C, ...) after warm-up.
+
+    Interleaving spreads the machine's background load evenly over the methods, so ratios of
+    medians are fair even when absolute times drift.
+    """
+    for function in methods.values():
+        for _ in range(warmup):
+            function()
+    runs = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, function in methods.items():
+            runs[name].append(time_once(function, device))
+    return runs
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def write_result(name: str, device: torch.device, payload: dict) -> Path:
+    """Write ``payload`` to benchmarks/results/<name>_<device>.json and return the path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}_{device_label(device)}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
