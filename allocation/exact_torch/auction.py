@@ -19,8 +19,15 @@ with a_i = max(0, max_{j unheld} S_ij - entry_j), every held entry has S_ij - a_
 transportation problems, run in parallel).
 
 Epsilon-scaling keeps assignments and prices between phases: when eps shrinks, held prices that
-break eps-slackness are lowered to the most their token would pay (a reverse-auction step), and
-entries that still break it are dropped; then the forward auction runs again at the new eps.
+break eps-slackness are lowered to the most their token would pay (a reverse-auction step); an
+entry that still breaks it leaves its token, and its seat goes to a *phantom* holder at the same
+price (so no price falls mid-phase) unless no price depends on it. The forward auction then runs
+at the new eps; phantoms nobody outbid are removed and the phase settles again. The loop is
+bounded (rounds, clean-ups): the caller's certificate, not this argument, is what proves a mask.
+
+Each token bids from its candidate features (its 4k + 16 largest scores) whenever that provably
+gives the same bids as the full row (the best score outside them, minus lambda, cannot beat the
+profit it must exceed); otherwise that row is done in full.
 """
 
 from __future__ import annotations
