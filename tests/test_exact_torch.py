@@ -188,3 +188,16 @@ def test_solve_backend_torch_returns_prices():
     result = solve(scores, Constraints(per_token=1, per_feature=1), backend="torch")
     assert result.objective == 18.0 and result.backend == "torch"
     assert result.token_prices is not None and result.feature_prices is not None
+
+
+@settings(max_examples=30)
+@given(allocation_problems(max_tokens=6, max_features=6))
+def test_backend_torch_agrees_with_scipy_on_any_caps(problem):
+    """Laminar caps too (greedy would do, but the auction must still be exact there)."""
+    scores, constraints = problem
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CertificateWarning)
+        result = solve(scores, constraints, backend="torch")
+    values = scores.to(torch.float64)
+    assert result.objective == pytest.approx(reference(scores, constraints),
+                                             abs=1e-9 * (1.0 + float(values.abs().sum())))
