@@ -25,7 +25,12 @@ __all__ = ["allocation_problems", "assert_optimal", "constraints", "score_elemen
 
 def assert_optimal(rule: Callable[[torch.Tensor], torch.Tensor], constraints: ConstraintsLike,
                    **verify_kwargs) -> VerificationReport:
-    """``verify(rule, constraints, **verify_kwargs)``; raise AssertionError(str(report)) unless ok."""
+    """``verify(rule, constraints, **verify_kwargs)``; raise AssertionError(str(report)) unless ok.
+
+    Inside a test that is itself ``@given``, add
+    ``@settings(suppress_health_check=[HealthCheck.nested_given])`` to that test (hypothesis warns
+    about nesting searches; here it is intended).
+    """
     report = verify(rule, constraints, **verify_kwargs)
     if not report.ok:
         raise AssertionError(str(report))

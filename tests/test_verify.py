@@ -75,10 +75,12 @@ def test_shape_dependent_constraints_as_a_callable():
     assert verify(rule, zipf, **FAST).ok
 
 
-def test_float64_scores_verify_with_the_tighter_tolerance():
-    report = verify(lambda s: allocation.mutual_choice(s, 4), Constraints.mutual_choice(4),
-                    dtype=torch.float64, **FAST)
-    assert report.ok, str(report)
+def test_float64_scores_verify_with_the_tighter_tolerance_and_with_none_at_all():
+    """Objectives are correctly rounded sums, so optimal masks that differ on ties score the same."""
+    for tolerance in (None, 0.0):
+        report = verify(lambda s: allocation.mutual_choice(s, 4), Constraints.mutual_choice(4),
+                        dtype=torch.float64, tolerance=tolerance, **FAST)
+        assert report.ok, str(report)
 
 
 # --- wrong rules are refuted, with a minimal counterexample -----------------------------------
@@ -230,3 +232,11 @@ def test_assert_optimal_raises_with_the_report():
     with pytest.raises(AssertionError, match="REFUTED") as caught:
         assert_optimal(lambda s: allocation.topk(s, 2), Constraints.topk(1))
     assert "scores as a literal" in str(caught.value)
+
+
+@pytest.mark.gpu
+def test_rules_on_the_gpu_verify_and_a_cpu_answer_is_a_device_failure():
+    report = verify(lambda s: allocation.topk(s, 2), Constraints.topk(2), device="cuda", **FAST)
+    assert report.ok, str(report)
+    report = verify(lambda s: allocation.topk(s.cpu(), 2), Constraints.topk(2), device="cuda", **FAST)
+    assert not report.ok and "cpu" in report.check and "cuda" in report.check

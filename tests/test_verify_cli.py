@@ -43,7 +43,8 @@ def rules_module(tmp_path, monkeypatch):
 
 
 def test_verified_rule_exits_0(rules_module, capsys):
-    assert main(["verify", f"{rules_module}:top2", "--per-token", "2", "--examples", "40"]) == 0
+    assert main(["verify", f"{rules_module}:top2", "--per-token", "2", "--examples", "40",
+                 "--dtype", "float64"]) == 0
     out = capsys.readouterr().out
     assert "VERIFIED" in out and "Constraints(per_token=2)" in out
 
@@ -71,13 +72,8 @@ def test_bad_rule_specs_exit_2(rules_module, capsys):
 
 
 def test_python_dash_m_entry_point(rules_module, tmp_path):
-    """The module is found in the current directory; both exit codes come through the process."""
+    """The module is found in the current directory and the exit code comes through the process."""
     refute = [sys.executable, "-m", "allocation", "verify", f"{rules_module}:top2", "--per-feature", "1"]
     result = subprocess.run(refute, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
     assert "REFUTED" in result.stdout and "scores as a literal: [[1, 1, 1]]" in result.stdout
-    prove = [sys.executable, "-m", "allocation", "verify", f"{rules_module}:top2", "--per-token", "2",
-             "--examples", "10", "--dtype", "float64"]
-    result = subprocess.run(prove, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "VERIFIED" in result.stdout

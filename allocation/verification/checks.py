@@ -7,6 +7,7 @@ cap; and its objective sum(S * M) is within ``tolerance`` of the exact optimum.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -21,7 +22,9 @@ from ..exact import solve
 # its own dtype may mis-order entries closer than its rounding error; each such swap costs at most
 # about eps * |S_ij|, so the total loss is at most about eps * sum |S|. float32: 9.5e-7 relative.
 RELATIVE_SLACK_IN_EPS = 8
-MIN_RELATIVE_TOLERANCE = 1e-12  # floor for float64, above the float64 summation error of <= 64 terms
+# Floor for float64: the HiGHS reference is accurate to about 1e-10 * (1 + sum |S|) (worst of 1500
+# random float64 TopK instances with near-ties and mixed magnitudes against an exact sort: 1.2e-10).
+MIN_RELATIVE_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class Outcome:
 
 
 def default_tolerance(scores: torch.Tensor) -> float:
-    """Allowed objective gap: 8 * eps(dtype) * (1 + sum |S|), at least 1e-12 * (1 + sum |S|)."""
+    """Allowed objective gap: max(8 eps(dtype), 1e-9) * (1 + sum |S|)."""
     relative = max(RELATIVE_SLACK_IN_EPS * torch.finfo(scores.dtype).eps, MIN_RELATIVE_TOLERANCE)
     return relative * (1.0 + float(scores.detach().abs().to(torch.float64).sum()))
 
@@ -48,10 +51,11 @@ def check_example(rule: Callable, scores: torch.Tensor, constraints: Constraints
     """Run ``rule`` on a copy of ``scores`` and check its output against the exact optimum."""
     values = scores.detach().to("cpu", torch.float64).numpy()  # exactly the values the rule sees
     optimum = solve(values, constraints)
+    optimal_objective = _objective(values, optimum.mask)
     gap_allowed = default_tolerance(scores) if tolerance is None else float(tolerance)
 
     def outcome(check, mask=None, objective=None):
-        return Outcome(check, mask, objective, torch.from_numpy(optimum.mask.copy()), optimum.objective,
+        return Outcome(check, mask, objective, torch.from_numpy(optimum.mask.copy()), optimal_objective,
                        constraints, gap_allowed)
 
     try:
@@ -63,21 +67,27 @@ def check_example(rule: Callable, scores: torch.Tensor, constraints: Constraints
         return outcome(f"output: {problem}")
     mask = (output if output.dtype == torch.bool else output != 0).detach().to("cpu")
     mask_np = mask.numpy()
-    objective = float(values[mask_np].sum())
+    objective = _objective(values, mask_np)
     problem = _feasibility_problem(mask_np, values, constraints)
     if problem is not None:
         return outcome(f"feasibility: {problem}", mask, objective)
-    gap = optimum.objective - objective
+    gap = optimal_objective - objective
     if gap > gap_allowed:
         return outcome(
-            f"optimality: objective {objective:.10g} is below the optimum {optimum.objective:.10g} "
+            f"optimality: objective {objective:.10g} is below the optimum {optimal_objective:.10g} "
             f"(gap {gap:.3g} > tolerance {gap_allowed:.3g})", mask, objective)
-    if -gap > gap_allowed:
+    if -gap > max(gap_allowed, default_tolerance(scores)):
         raise SolverError(
-            f"a feasible mask scored {objective!r} above the exact optimum {optimum.objective!r}: "
+            f"a feasible mask scored {objective!r} above the exact optimum {optimal_objective!r}: "
             "the reference solver is wrong; please report this with the scores"
         )
     return outcome(None, mask, objective)
+
+
+def _objective(values: np.ndarray, mask: np.ndarray) -> float:
+    """sum of the selected scores, correctly rounded (fsum): equal multisets give equal sums, so
+    two optimal masks that differ only on ties have exactly the same objective."""
+    return math.fsum(values[mask].tolist())
 
 
 def _output_problem(output, scores: torch.Tensor) -> Optional[str]:

@@ -32,7 +32,7 @@ class VerificationReport:
     check: Optional[str] = None  # e.g. "feasibility: per_token cap exceeded at token 0 (3 > 2)"
     scores: Optional[torch.Tensor] = None  # (n, F), dtype as given to the rule, on the CPU
     rule_mask: Optional[torch.Tensor] = None  # (n, F) bool, None when the output was unusable
-    rule_objective: Optional[float] = None  # sum of the selected scores (float64)
+    rule_objective: Optional[float] = None  # sum of the selected scores (float64, correctly rounded)
     optimal_mask: Optional[torch.Tensor] = None  # (n, F) bool, one optimal mask (ties: not unique)
     optimal_objective: Optional[float] = None
     constraints: Optional[Constraints] = None

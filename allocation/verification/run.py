@@ -2,8 +2,9 @@
 
 Each example is a score matrix S from ``score_matrices``; the rule's output is checked for being a
 mask (or activations), for feasibility (each cap, positive scores only) and for optimality against
-the exact LP optimum ``allocation.solve`` (scipy/HiGHS). The first failure is shrunk by hypothesis
-to a minimal matrix, which the report prints.
+the exact LP optimum ``allocation.solve`` (scipy/HiGHS). The first failure is shrunk in three
+steps: rows, columns and entries are cut while it still fails (``shrink_matrix``); hypothesis then
+searches matrices of that smaller shape and shrinks what it finds; the simpler result is reported.
 """
 
 from __future__ import annotations
@@ -59,9 +60,12 @@ def verify(
     selected) of the same shape. ``constraints`` is a ``Constraints`` or a callable
     ``(n_tokens, n_features) -> Constraints`` (caps that depend on the shape). Score matrices have
     ``min_tokens..max_tokens`` rows and ``min_features..max_features`` columns, in ``dtype`` on
-    ``device``; ``examples`` of them are drawn from ``seed`` (deterministic). A failing example is
-    shrunk to a minimal one. ``tolerance`` is the objective gap allowed (absolute); by default
-    8 * eps(dtype) * (1 + sum |S|), i.e. about 1e-6 * (1 + sum |S|) in float32.
+    ``device``; ``examples`` of them are drawn from ``seed`` (the same seed gives the same report
+    in the same program; hypothesis also draws constants from the imported modules, so another set
+    of imports can find another counterexample). A failing example is shrunk to a minimal one.
+    ``tolerance`` is the objective gap allowed (absolute); by default
+    max(8 eps(dtype), 1e-9) * (1 + sum |S|): about 1e-6 * (1 + sum |S|) in float32, and in float64
+    the accuracy of the HiGHS reference (measured within 1.3e-10 * (1 + sum |S|)).
 
     Every problem with the rule (a wrong answer, an exception, a wrong shape or dtype, NaN) is a
     failed report, never an exception; bad arguments to ``verify`` raise AllocationError.
