@@ -45,6 +45,9 @@ CORRECT = {
     "allocate_token_caps_and_budget": (
         lambda s: allocation.allocate(s, Constraints(per_token=2, total=5)),
         Constraints(per_token=2, total=5)),
+    "allocate_token_and_feature_caps": (  # the exact torch solver: no greedy rule is exact here
+        lambda s: allocation.allocate(s, Constraints(per_token=2, per_feature=1)),
+        Constraints(per_token=2, per_feature=1)),
     "allocate_feature_caps_and_budget": (
         lambda s: allocation.allocate(s, Constraints(per_feature=1, total=3)),
         Constraints(per_feature=1, total=3)),
