@@ -31,6 +31,7 @@ def assert_optimal(rule: Callable[[torch.Tensor], torch.Tensor], constraints: Co
     ``@settings(suppress_health_check=[HealthCheck.nested_given])`` to that test (hypothesis warns
     about nesting searches; here it is intended).
     """
+    __tracebackhide__ = True  # pytest shows the caller's line and the report, not this function
     report = verify(rule, constraints, **verify_kwargs)
     if not report.ok:
         raise AssertionError(str(report))
