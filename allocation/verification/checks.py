@@ -21,6 +21,9 @@ from ..exact import solve
 # Default allowed gap: RELATIVE_SLACK_IN_EPS * eps(dtype) * (1 + sum |S|). A rule that computes in
 # its own dtype may mis-order entries closer than its rounding error; each such swap costs at most
 # about eps * |S_ij|, so the total loss is at most about eps * sum |S|. float32: 9.5e-7 relative.
+# The "1 +" keeps an absolute floor: the HiGHS reference works with absolute tolerances (it ignores
+# positive scores below about 1e-9), so on matrices of tiny scores a purely relative gap would
+# blame the rule for the reference's rounding.
 RELATIVE_SLACK_IN_EPS = 8
 # Floor for float64: the HiGHS reference is accurate to about 1e-10 * (1 + sum |S|) (worst of 1500
 # random float64 TopK instances with near-ties and mixed magnitudes against an exact sort: 1.2e-10).
