@@ -9,6 +9,7 @@ the exact optimum (with dual prices); ``topk``, ``feature_choice``, ``mutual_cho
 from .constraints import Constraints
 from .errors import AllocationError, InfeasibleError, NotGreedyExactError, SolverError
 from .exact import Allocation, solve
+from .exact_torch import CertificateWarning, solve_mixed
 from .rules import (
     activations,
     allocate,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Allocation",
     "AllocationError",
+    "CertificateWarning",
     "Constraints",
     "InfeasibleError",
     "NotGreedyExactError",
@@ -40,6 +42,7 @@ __all__ = [
     "mutual_choice",
     "mutual_choice_activations",
     "solve",
+    "solve_mixed",
     "topk",
     "topk_activations",
     "verify",
