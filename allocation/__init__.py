@@ -7,7 +7,7 @@ the exact optimum (with dual prices); ``topk``, ``feature_choice``, ``mutual_cho
 """
 
 from .constraints import Constraints
-from .errors import AllocationError, InfeasibleError, NotGreedyExactError, SolverError
+from .errors import AllocationError, InfeasibleError, SolverError
 from .exact import Allocation, solve
 from .exact_torch import CertificateWarning, solve_mixed
 from .rules import (
@@ -31,7 +31,6 @@ __all__ = [
     "CertificateWarning",
     "Constraints",
     "InfeasibleError",
-    "NotGreedyExactError",
     "SolverError",
     "VerificationReport",
     "activations",

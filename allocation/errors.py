@@ -13,7 +13,3 @@ class InfeasibleError(AllocationError):
 
 class SolverError(AllocationError):
     """An exact backend failed, or returned a non-integral vertex."""
-
-
-class NotGreedyExactError(AllocationError):
-    """The constraints mix per-token and per-feature caps: no greedy rule is exact for them."""

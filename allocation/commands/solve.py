@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Optional
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..constraints import Constraints
-from ..errors import AllocationError, NotGreedyExactError
+from ..errors import AllocationError
 from ..exact import BACKENDS, Allocation, solve
 from ..rules import allocate
 
@@ -42,13 +41,8 @@ def run(args: argparse.Namespace) -> int:
         raise AllocationError("give at least one of --topk K, --feature-choice M, --mutual-choice B")
     constraints = Constraints(per_token=args.topk, per_feature=args.feature_choice, total=args.mutual_choice)
     exact = solve(scores, constraints, backend=args.backend)
-    try:
-        rule_mask = allocate(torch.from_numpy(scores), constraints).numpy()
-        rule_objective = float(scores[rule_mask].sum())
-    except NotGreedyExactError as error:
-        rule_objective = None
-        print(f"(torch rule unavailable: {error})")
-    print(_report(scores, constraints, exact, rule_objective))
+    rule_mask = allocate(torch.from_numpy(scores), constraints).numpy()
+    print(_report(scores, constraints, exact, float(scores[rule_mask].sum())))
     return 0
 
 
@@ -77,7 +71,7 @@ def _summary(values: np.ndarray) -> str:
     return f"min {values.min():.4g}  mean {values.mean():.4g}  max {values.max():.4g}"
 
 
-def _report(scores: np.ndarray, constraints: Constraints, exact: Allocation, rule_objective: Optional[float]) -> str:
+def _report(scores: np.ndarray, constraints: Constraints, exact: Allocation, rule_objective: float) -> str:
     n_tokens, n_features = scores.shape
     mask = exact.mask
     lines = [
@@ -94,9 +88,8 @@ def _report(scores: np.ndarray, constraints: Constraints, exact: Allocation, rul
         lines.append(f"  feature prices: {_summary(exact.feature_prices)}")
     if exact.budget_price is not None:
         lines.append(f"  budget price:   {exact.budget_price:.6g}")
-    if rule_objective is not None:
-        gap = exact.objective - rule_objective
-        lines.append(f"torch rule: objective {rule_objective:.6f} (gap to exact {gap:.3g})")
+    gap = exact.objective - rule_objective
+    lines.append(f"torch rule: objective {rule_objective:.6f} (gap to exact {gap:.3g})")
     if n_tokens <= LARGEST_PRINTED_MASK[0] and n_features <= LARGEST_PRINTED_MASK[1]:
         lines.append("mask (# selected, + positive not selected, . non-positive):")
         for row_scores, row_mask in zip(scores, mask):
