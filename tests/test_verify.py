@@ -129,7 +129,7 @@ def test_one_entry_too_many_breaks_the_budget():
     report = verify(lambda s: allocation.mutual_choice(s, 4), Constraints.mutual_choice(3))
     assert not report.ok
     assert report.check == "feasibility: total budget exceeded (4 > 3)", report.check
-    assert report.scores.numel() == 4
+    assert int(report.rule_mask.sum()) == 4 and report.scores.numel() <= 6, str(report)
 
 
 def test_selecting_a_negative_score_is_refuted_on_a_1x1_matrix():

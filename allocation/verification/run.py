@@ -4,7 +4,7 @@ Each example is a score matrix S from ``score_matrices``; the rule's output is c
 mask (or activations), for feasibility (each cap, positive scores only) and for optimality against
 the exact LP optimum ``allocation.solve`` (scipy/HiGHS). The first failure is shrunk in three
 steps: rows, columns and entries are cut while it still fails (``shrink_matrix``); hypothesis then
-searches matrices of that smaller shape and shrinks what it finds; the simpler result is reported.
+searches matrices up to that smaller shape and shrinks what it finds; the simpler result is reported.
 """
 
 from __future__ import annotations
@@ -34,10 +34,6 @@ class _Refuted(Exception):
         super().__init__(outcome.check)
         self.scores = scores
         self.outcome = outcome
-
-
-class _BadConstraints(Exception):
-    """The user's constraints callable failed: a usage error, not a finding about the rule."""
 
 
 def verify(
@@ -100,15 +96,13 @@ def verify(
         outcome = search.last_failure.outcome
         check = f"{outcome.check} [nondeterministic: the rule passed when this input was rerun]"
         return _failed_report(search.last_failure.scores, outcome, search.first_failure_at, seed, name, check)
-    except _BadConstraints as error:
-        raise AllocationError(str(error)) from error.__cause__
     return VerificationReport(ok=True, examples_run=search.calls, seed=seed, rule_name=name)
 
 
 def _minimise(scores: torch.Tensor, outcome: Outcome, failure: Callable, examples: int, seed: int,
               min_tokens: int, min_features: int, dtype: torch.dtype, device) -> tuple:
     """Shrink a failing matrix: delete rows and columns (``shrink_matrix``), then let hypothesis
-    search that smaller shape and shrink what it finds; return the simpler of the two results.
+    search shapes up to that smaller one and shrink what it finds; return the simpler result.
 
     Hypothesis shrinks a small matrix in a fraction of a second but an 8 x 8 one in tens of seconds
     (measured on a loaded 2-core machine), so it shrinks after the shape has been cut down.
@@ -117,7 +111,7 @@ def _minimise(scores: torch.Tensor, outcome: Outcome, failure: Callable, example
     n_tokens, n_features = scores.shape
     search = _Search(failure)
     try:
-        _run_hypothesis(search, score_matrices(n_tokens, n_tokens, n_features, n_features, dtype=dtype,
+        _run_hypothesis(search, score_matrices(min_tokens, n_tokens, min_features, n_features, dtype=dtype,
                                                device=device), examples, seed, shrink=True)
     except (_Refuted, Flaky):
         if search.last_failure is not None:
@@ -223,17 +217,17 @@ def _constraints_getter(constraints: ConstraintsLike, tokens: tuple, features: t
     def constraints_for(n_tokens: int, n_features: int) -> Constraints:
         try:
             result = constraints(n_tokens, n_features)
-        except Exception as error:  # noqa: BLE001
-            raise _BadConstraints(
+        except Exception as error:  # noqa: BLE001 - a usage error, raised through hypothesis as is
+            raise AllocationError(
                 f"constraints({n_tokens}, {n_features}) raised {type(error).__name__}: {error}") from error
         if not isinstance(result, Constraints):
-            raise _BadConstraints(
+            raise AllocationError(
                 f"constraints({n_tokens}, {n_features}) returned {type(result).__name__}, "
                 "expected an allocation.Constraints")
         try:
             result.resolve(n_tokens, n_features)
         except AllocationError as error:
-            raise _BadConstraints(f"constraints({n_tokens}, {n_features}) do not fit that shape: {error}") \
+            raise AllocationError(f"constraints({n_tokens}, {n_features}) do not fit that shape: {error}") \
                 from error
         return result
 
