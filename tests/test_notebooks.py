@@ -26,10 +26,12 @@ CELL_TIMEOUT_S = 300
 def test_tutorials_are_present():
     """The numbered tutorials exist (guards against a glob that silently matches nothing)."""
     names = [path.stem for path in NOTEBOOKS]
-    assert names[:3] == [
+    assert names == [
         "01_matching_as_linear_programming",
         "02_topk_feature_choice_mutual_choice",
         "03_prices_and_thresholds",
+        "04_verify_your_own_rule",
+        "05_training_with_aux_zipf_loss",
     ], names
 
 
