@@ -15,7 +15,9 @@ median time per call of
 - ``copy``: ``out.copy_(scores)`` into a preallocated tensor: the memory bandwidth is
   (bytes read + bytes written) / time; the floor of a rule is bytes(scores) / bandwidth.
 
-Every cell's methods are interleaved in one process; ratios are medians of per-repeat ratios.
+Every cell's methods are interleaved in one process; ratios to row_topk, topk and the floor are
+medians of per-repeat ratios; the naive baselines (seconds each at the largest size) are timed
+``--naive-repeats`` times after their correctness check, and compared by ratio of medians.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def naive_feature_choice(scores: torch.Tensor, m: int) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(0, index, values > 0)
 
 
-def bench_cell(n: int, f: int, dtype: torch.dtype, device: torch.device, repeats: int) -> dict:
+def bench_cell(n: int, f: int, dtype: torch.dtype, device: torch.device, repeats: int,
+               naive_repeats: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     scores = torch.randn(n, f, generator=generator).to(device=device, dtype=dtype)
     total, m = K * n, max(1, K * n // f)
@@ -60,11 +63,14 @@ def bench_cell(n: int, f: int, dtype: torch.dtype, device: torch.device, repeats
         "topk": lambda: allocation.topk(scores, K),
         "mutual_choice": lambda: allocation.mutual_choice(scores, total),
         "feature_choice": lambda: allocation.feature_choice(scores, m),
+    }
+    baselines = {
         "naive_mc": lambda: naive_mutual_choice(scores, total),
         "naive_fc": lambda: naive_feature_choice(scores, m),
     }
-    _check_same_objective(scores, total, m)
+    _check_same_objective(scores, total, m)  # also the baselines' warm-up
     runs = _common.interleaved_medians(methods, device, repeats)
+    runs.update(_common.interleaved_medians(baselines, device, min(repeats, naive_repeats), warmup=0))
     seconds = {name: _common.median(times) for name, times in runs.items()}
     bytes_read = scores.numel() * scores.element_size()
     bandwidth = [2 * bytes_read / t for t in runs["copy"]]  # the copy reads and writes the matrix
@@ -75,7 +81,7 @@ def bench_cell(n: int, f: int, dtype: torch.dtype, device: torch.device, repeats
 
     return {
         "n_tokens": n, "n_features": f, "dtype": str(dtype).replace("torch.", ""), "k": K,
-        "budget": total, "per_feature": m, "repeats": repeats,
+        "budget": total, "per_feature": m, "repeats": repeats, "naive_repeats": min(repeats, naive_repeats),
         "seconds": seconds, "runs": runs,
         "bandwidth_gb_s": statistics.median(bandwidth) / 1e9,
         "floor_seconds": statistics.median(floor),
@@ -84,8 +90,8 @@ def bench_cell(n: int, f: int, dtype: torch.dtype, device: torch.device, repeats
             "fc_vs_row_topk": ratio("feature_choice", runs["row_topk"]),
             "mc_vs_topk_rule": ratio("mutual_choice", runs["topk"]),
             "fc_vs_topk_rule": ratio("feature_choice", runs["topk"]),
-            "naive_mc_vs_mc": ratio("naive_mc", runs["mutual_choice"]),
-            "naive_fc_vs_fc": ratio("naive_fc", runs["feature_choice"]),
+            "naive_mc_vs_mc": seconds["naive_mc"] / seconds["mutual_choice"],
+            "naive_fc_vs_fc": seconds["naive_fc"] / seconds["feature_choice"],
             "topk_vs_floor": ratio("topk", floor),
             "mc_vs_floor": ratio("mutual_choice", floor),
             "fc_vs_floor": ratio("feature_choice", floor),
@@ -129,6 +135,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per method (after 1 warm-up)")
     parser.add_argument("--sizes", default=",".join(f"{n}x{f}" for n, f in SIZES))
     parser.add_argument("--dtypes", default=None, help="default: float32 (CPU), float32,bfloat16 (CUDA)")
+    parser.add_argument("--naive-repeats", type=int, default=3,
+                        help="timed calls of the slow naive baselines (their check call is the warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--name", default="kernels", help="result file stem: results/<name>_<device>.json")
     args = parser.parse_args()
@@ -140,7 +148,7 @@ def main() -> int:
     cells = []
     for dtype_name in dtypes.split(","):
         for n, f in sizes:
-            cell = bench_cell(n, f, getattr(torch, dtype_name), device, args.repeats)
+            cell = bench_cell(n, f, getattr(torch, dtype_name), device, args.repeats, args.naive_repeats)
             cells.append(cell)
             s, r = cell["seconds"], cell["ratios"]
             print(f"{n:>5} x {f:<6} {dtype_name:<9} row_topk {s['row_topk'] * 1e3:7.1f} ms  "

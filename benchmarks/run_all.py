@@ -29,9 +29,9 @@ def steps(device: str) -> list[tuple[str, list[str]]]:
     """(script, arguments) in run order; scripts that do not exist are skipped."""
     gpu = device != "cpu"
     return [
-        ("bench_kernels.py", ["--device", device, "--repeats", "3"]),
-        ("bench_kernels.py", ["--device", device, "--repeats", "3", "--threads", "1", "--sizes",
-                              "1024x32768,4096x32768", "--name", "kernels_1thread"] if not gpu else None),
+        ("bench_kernels.py", ["--device", device, "--repeats", "3", "--naive-repeats", "2"]),
+        ("bench_kernels.py", ["--device", device, "--repeats", "3", "--naive-repeats", "2", "--threads", "1",
+                              "--sizes", "4096x32768", "--name", "kernels_1thread"] if not gpu else None),
         ("bench_solvers.py", ["--cap", "5"] if not gpu else None),
         ("bench_mixed_solver.py", ["--device", device] + ([] if gpu else ["--sizes", MIXED_SIZES_CPU])),
         ("bench_training.py", ["--device", device]),
@@ -68,7 +68,8 @@ def kernels_section(result: dict, one_thread: dict | None) -> list[str]:
     lines = [
         "### Allocation kernels",
         "",
-        f"Time per call (median of {result['cells'][0]['repeats']} interleaved calls after a warm-up), "
+        f"Time per call (median of {result['cells'][0]['repeats']} interleaved calls after a warm-up; "
+        f"naive baselines: {result['cells'][0].get('naive_repeats', '')} calls), "
         f"k = 64 per token, Mutual Choice budget B = k n, Feature Choice m = k n / F, standard normal "
         f"scores; device {machine['device']} ({machine['device_type']}, {machine['threads']} threads, "
         f"load average {machine['load_average'][0]}). `floor` = bytes of the scores / bandwidth of a "
