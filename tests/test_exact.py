@@ -165,3 +165,20 @@ def test_bad_backend_and_constraints_raise():
         solve(COUNTEREXAMPLE, {"per_token": 1})
     with pytest.raises(AllocationError, match="per_token has length 3"):
         solve(COUNTEREXAMPLE, Constraints.topk([1, 1, 1]))
+
+
+@pytest.mark.parametrize("backend", ["scipy", "cvxpy", "milp"])
+@pytest.mark.parametrize("tiny", [1e-9, 7e-195])
+def test_tiny_positive_scores_are_still_selected(backend, tiny):
+    """HiGHS' tolerances are absolute; solving on S / max(S) keeps tiny positives worth taking."""
+    scores = np.array([[0.0, tiny]])
+    allocation = solve(scores, Constraints(per_token=1, per_feature=1), backend=backend)
+    assert allocation.objective == tiny and allocation.mask.tolist() == [[False, True]]
+
+
+def test_prices_scale_with_the_scores():
+    scores = np.random.default_rng(3).standard_normal((6, 9))
+    constraints = Constraints(per_token=2, per_feature=1, total=7)
+    base, scaled = solve(scores, constraints), solve(1e6 * scores, constraints)
+    assert np.array_equal(base.mask, scaled.mask)
+    _check_certificate(1e6 * scores, constraints, scaled)

@@ -39,29 +39,34 @@ def solve(scores, constraints: Constraints, backend: str = "scipy") -> Allocatio
 
         return solve_as_allocation(scores, constraints)
     start = time.perf_counter()
-    if backend == "cvxpy":
-        from .cvxpy_backend import solve_cvxpy
-
-        if not np.any(scores > 0):
-            matrix, prices = np.zeros(scores.shape), _zero_prices(caps)
-        else:
-            matrix, prices = solve_cvxpy(scores, caps)
-        mask = _round(matrix, backend)
-    else:
-        from .scipy_backend import solve_linprog, solve_milp
-
-        lp = build_lp(scores, caps)
-        if lp.objective.size == 0:
-            x, prices = np.zeros(0), _zero_prices(caps)
-        else:
-            x, prices = (solve_linprog if backend == "scipy" else solve_milp)(lp)
-        mask = np.zeros(scores.shape, dtype=bool)
-        mask[lp.rows, lp.cols] = _round(x, backend)
+    # Solve on S / max(S): HiGHS' optimality tolerances are absolute (~1e-7), so unscaled tiny
+    # positive scores would be treated as zero (or break the solve); prices scale back by max(S).
+    largest = float(scores.max())
+    scale = largest if largest > 0 else 1.0
+    mask, prices = _solve_scaled(scores / scale, caps, backend)
     seconds = time.perf_counter() - start
     mask &= scores > 0
     objective = float(scores[mask].sum())
-    token_prices, feature_prices, budget_price = prices
+    token_prices, feature_prices, budget_price = (None if p is None else p * scale for p in prices)
     return Allocation(mask, objective, token_prices, feature_prices, budget_price, backend, seconds)
+
+
+def _solve_scaled(scores: np.ndarray, caps, backend: str):
+    """The 0/1 mask and prices of the LP on scores whose largest entry is 1 (or none positive)."""
+    if not np.any(scores > 0):
+        return np.zeros(scores.shape, dtype=bool), _zero_prices(caps)
+    if backend == "cvxpy":
+        from .cvxpy_backend import solve_cvxpy
+
+        matrix, prices = solve_cvxpy(scores, caps)
+        return _round(matrix, backend), prices
+    from .scipy_backend import solve_linprog, solve_milp
+
+    lp = build_lp(scores, caps)
+    x, prices = (solve_linprog if backend == "scipy" else solve_milp)(lp)
+    mask = np.zeros(scores.shape, dtype=bool)
+    mask[lp.rows, lp.cols] = _round(x, backend)
+    return mask, prices
 
 
 def _round(x: np.ndarray, backend: str) -> np.ndarray:
