@@ -84,6 +84,11 @@ def register(subparsers) -> None:
         help="steps between checkpoints (0: only at the end)",
     )
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's; 1 is best on busy shared cores)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out/checkpoint")
     parser.add_argument("--plot", type=Path, help="save a comparison figure (FVU curves, feature density)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -106,6 +111,12 @@ def _data_options(pairs: List[str]) -> Dict:
 def run(args: argparse.Namespace) -> int:
     from ..sae.report import plot_runs, summary_table
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise AllocationError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     rules = [rule.strip() for rule in args.rule.split(",") if rule.strip()]
     if not rules:
         raise AllocationError("--rule is empty; pass topk, feature-choice or mutual-choice")

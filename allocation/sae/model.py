@@ -186,6 +186,9 @@ def rule_from_dict(data: dict) -> Rule:
 # ------------------------------------------------------------------------------------- helpers
 
 
+ITERATE_AVERAGING = 0.95  # decay of the Polyak average of the threshold-correction iterates
+
+
 class NonFiniteAffinitiesError(AllocationError):
     """Finite activations gave NaN or inf affinities: the SAE's weights have diverged."""
 
@@ -261,7 +264,7 @@ class SparseAutoencoder(nn.Module):
         *,
         decode: str = "auto",
         threshold_decay: float = 0.99,
-        threshold_correction: float = 0.02,
+        threshold_correction: float = 0.05,
         seed: Optional[int] = 0,
     ) -> None:
         super().__init__()
@@ -312,7 +315,7 @@ class SparseAutoencoder(nn.Module):
             rule_from_dict(cfg["rule"]),
             decode=cfg.get("decode", "auto"),
             threshold_decay=cfg.get("threshold_decay", 0.99),
-            threshold_correction=cfg.get("threshold_correction", 0.02),
+            threshold_correction=cfg.get("threshold_correction", 0.05),
             seed=None,
         )
 
@@ -381,9 +384,9 @@ class SparseAutoencoder(nn.Module):
         c: a dual-subgradient correction, iterate c' += eta * a * (count(a + c') - cap) / cap, where
         count is how many of this batch's scores exceed a + c' (per feature for Feature Choice, in
         all for Mutual Choice) and cap the rule's capacity (m_j, or k n); c is the moving average of
-        the iterates (Polyak averaging, same decay). An average of per-batch order statistics is
-        biased for bursty features (on average fewer than cap scores exceed it); the correction
-        drives the expected count at the eval threshold to the training budget.
+        the iterates (Polyak averaging, decay ITERATE_AVERAGING = 0.95). An average of per-batch
+        order statistics is biased for bursty features (on average fewer than cap scores exceed it);
+        the correction drives the expected count at the eval threshold to the training budget.
         """
         price = self.batch_threshold(pre, mask)
         if price is None:
@@ -406,7 +409,7 @@ class SparseAutoencoder(nn.Module):
                 error = (above - capacity) / capacity.clamp_min(1.0)
             self.threshold_iterate.add_(self.threshold_correction * average * error)
             self.threshold_iterate.clamp_(min=-average)
-            decay = self.threshold_decay
+            decay = ITERATE_AVERAGING
             self.threshold_offset.mul_(decay).add_(self.threshold_iterate, alpha=1 - decay)
         decay = self.threshold_decay
         self.threshold_sum.mul_(decay).add_(price.to(torch.float64), alpha=1 - decay)

@@ -12,9 +12,10 @@ COLUMNS = (
     ("F", "n_features"),
     ("tokens", "tokens"),
     ("train FVU", "train_fvu"),
-    ("eval FVU", "eval_fvu"),
-    ("eval L0 mean", "eval_l0.mean"),
+    ("eval FVU (held-out)", "eval_fvu"),
+    ("eval L0 (held-out)", "eval_l0.mean"),
     ("L0 min/p50/max", "eval_l0"),
+    ("eval L0 (train split)", "eval_train_split_l0.mean"),
     ("dead %", "dead_fraction"),
     ("under-used %", "under_used_fraction"),
     ("recovery", "feature_recovery"),
@@ -26,8 +27,8 @@ def _cell(summary: dict, key: str) -> str:
     if key == "eval_l0":
         l0 = summary.get("eval_l0") or {}
         return f"{l0.get('min', 0):.0f}/{l0.get('p50', 0):.0f}/{l0.get('max', 0):.0f}"
-    if key == "eval_l0.mean":
-        return f"{(summary.get('eval_l0') or {}).get('mean', float('nan')):.2f}"
+    if key.endswith(".mean"):
+        return f"{(summary.get(key[:-5]) or {}).get('mean', float('nan')):.2f}"
     value = summary.get(key)
     if value is None:
         return "-"
