@@ -7,6 +7,7 @@ from allocation.sae import FeatureUsage, aux_k_loss, aux_zipf_loss, fvu, mse_los
 from allocation.sae.losses import (
     aux_k_selection,
     aux_zipf_selection,
+    normalized_mse,
     proportional_capacities,
     reduce_squared_error,
 )
@@ -27,6 +28,9 @@ def test_mse_and_fvu_by_hand():
     assert float(mse_loss(x, x_hat, reduction="sum")) == pytest.approx(2.0)
     # ||x - mean x||^2 = 4 * 1^2 = 4
     assert float(fvu(x, x_hat)) == pytest.approx(2 / 4)
+    # normalized MSE: mean over tokens of squared error (1) over mean over tokens of variance (2)
+    assert float(normalized_mse(x, x_hat)) == pytest.approx(1 / 2)
+    assert float(normalized_mse(x, x_hat, reduction="sum")) == pytest.approx(2 / 4)
 
 
 def test_aux_k_loss_by_hand_default_k_aux_is_half_d_in():

@@ -103,8 +103,25 @@ def test_metrics_are_reported_with_spread_and_density(trained):
     assert set(record["l0"]) == {"mean", "min", "p50", "max"}
     assert record["l0"]["mean"] == pytest.approx(4.0)  # training budget k n, exactly
     assert sum(record["density"]["counts"]) + record["density"]["never"] == 128
-    for key in ("fvu", "dead_fraction", "under_used_fraction", "aux_loss", "mse"):
+    for key in ("fvu", "dead_fraction", "under_used_fraction", "aux_loss", "main_loss"):
         assert math.isfinite(record[key])
+
+
+@pytest.mark.parametrize("aux", ["k", "zipf"])
+def test_regression_main_and_aux_losses_share_units(aux):
+    """Both losses are variance-normalised: scaling the data (and the SAE with it) changes neither,
+    so the aux weight 1/32 means the same at any activation scale (a raw-MSE main loss would scale by c^2)."""
+    trainer = Trainer(tiny_config(rule="topk", aux=aux, dead_tokens=1), "synthetic")
+    trainer.usage.update(torch.zeros(64, 48, dtype=torch.bool))  # every feature dead: aux_k is active
+    batch = trainer.source.batch(64, seed=0, batch_index=0)
+    with torch.no_grad():
+        main, aux_value = trainer.losses(batch, trainer.sae(batch))
+        trainer.sae.b_dec.mul_(10.0)
+        trainer.sae.b_enc.mul_(10.0)
+        scaled_main, scaled_aux = trainer.losses(10.0 * batch, trainer.sae(10.0 * batch))
+    assert float(aux_value) > 0
+    assert float(scaled_main) == pytest.approx(float(main), rel=1e-4)
+    assert float(scaled_aux) == pytest.approx(float(aux_value), rel=1e-4)
 
 
 def test_learning_rate_schedule():

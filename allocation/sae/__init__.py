@@ -7,7 +7,7 @@ summary = Trainer(TrainConfig(rule="mutual-choice", k=32, aux="zipf"), "syntheti
 
 from .checkpoint import CheckpointError, export_saelens, load_checkpoint, load_sae, save_sae
 from .data import ActivationSource, ArraySource, load_activations
-from .losses import aux_k_loss, aux_zipf_loss, fvu, mse_loss, zipf_targets
+from .losses import aux_k_loss, aux_zipf_loss, fvu, mse_loss, normalized_mse, zipf_targets
 from .metrics import FeatureUsage, evaluate
 from .minilm import minilm_activations
 from .model import (
@@ -56,6 +56,7 @@ __all__ = [
     "make_rule",
     "minilm_activations",
     "mse_loss",
+    "normalized_mse",
     "save_sae",
     "train",
     "zipf_targets",

@@ -1,8 +1,10 @@
 """Losses: reconstruction MSE, FVU, and the auxiliary losses aux_k_loss and aux_zipf_loss.
 
 Every squared error is reduced by ``reduce_squared_error`` with the same ``reduction`` as the main
-loss ('mean': mean over tokens of the squared L2 error; 'sum': total), so an auxiliary loss and the
-main loss scale the same way with the batch.
+loss ('mean': mean over tokens of the squared L2 error; 'sum': total), and every loss is normalised
+by a variance under that same reduction: the main loss (``normalized_mse``) by the input's, the
+auxiliary losses by the residual's. Main and auxiliary losses are then in the same (scale-free)
+units, whatever the reduction, the batch size or the activations' scale.
 
 Both auxiliary losses reconstruct the *detached* residual e = x - x_hat from extra activations,
 decoded WITHOUT b_dec (the residual has no bias to learn), and are normalised by the residual's
@@ -45,6 +47,16 @@ def reduce_squared_error(squared: Tensor, reduction: str = "mean") -> Tensor:
 def mse_loss(x: Tensor, x_hat: Tensor, reduction: str = "mean") -> Tensor:
     """Reconstruction loss R(||x - x_hat||^2), R the reduction over tokens."""
     return reduce_squared_error((x_hat - x).pow(2), reduction)
+
+
+def normalized_mse(x: Tensor, x_hat: Tensor, reduction: str = "mean") -> Tensor:
+    """Main training loss R(||x - x_hat||^2) / R(||x - mean(x)||^2): the MSE in the aux losses' units.
+
+    The aux losses are normalised by the residual's variance, so the main loss is normalised by the
+    input's: both are scale-free and the 1/32 weight means the same for any activation scale.
+    """
+    variance = reduce_squared_error((x - x.mean(dim=0)).pow(2).detach(), reduction)
+    return mse_loss(x, x_hat, reduction) / variance.clamp_min(1e-30)
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:

@@ -115,17 +115,17 @@ class MetricsWindow:
         self.fired = torch.zeros(self.n_features, dtype=torch.int64)
         self.tokens = torch.zeros((), dtype=torch.int64)
         self.steps = torch.zeros((), dtype=torch.int64)
-        self.loss_sums = torch.zeros(3, dtype=torch.float64)  # mse, aux, total
+        self.loss_sums = torch.zeros(3, dtype=torch.float64)  # main (normalized MSE), aux, total
 
     @torch.no_grad()
-    def update(self, x: Tensor, x_hat: Tensor, mask: Tensor, mse: float, aux: float, total: float) -> None:
+    def update(self, x: Tensor, x_hat: Tensor, mask: Tensor, main: float, aux: float, total: float) -> None:
         self.squared_error += float((x_hat - x).pow(2).sum())
         self.variance += float((x - x.mean(dim=0)).pow(2).sum())
         self.l0_counts += torch.bincount(mask.sum(dim=1).cpu(), minlength=self.n_features + 1)
         self.fired += mask.sum(dim=0).cpu()
         self.tokens += mask.shape[0]
         self.steps += 1
-        self.loss_sums += torch.tensor([mse, aux, total], dtype=torch.float64)
+        self.loss_sums += torch.tensor([main, aux, total], dtype=torch.float64)
 
     def summary(self, usage: FeatureUsage, budget_per_token: float, under_used_factor: float = 0.1) -> dict:
         """FVU, L0 spread, dead and under-used fractions, density histogram and mean losses."""
@@ -139,7 +139,7 @@ class MetricsWindow:
             "dead_fraction": float(usage.dead.to(torch.float64).mean()),
             "under_used_fraction": float((frequency < under_used_factor * uniform_share).double().mean()),
             "density": density_histogram(frequency),
-            "mse": float(self.loss_sums[0] / steps),
+            "main_loss": float(self.loss_sums[0] / steps),
             "aux_loss": float(self.loss_sums[1] / steps),
             "loss": float(self.loss_sums[2] / steps),
             "window_tokens": int(self.tokens),

@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import ActivationSource, load_activations
-from .losses import REDUCTIONS, aux_k_loss, aux_zipf_loss, mse_loss
+from .losses import REDUCTIONS, aux_k_loss, aux_zipf_loss, normalized_mse
 from .metrics import FeatureUsage, MetricsWindow, evaluate
 from .model import (
     RULE_NAMES,
@@ -155,7 +155,7 @@ class StepResult:
 
     step: int
     loss: float
-    mse: float
+    main: float  # normalized MSE
     aux: float
     l0: float
     lr: float
@@ -246,6 +246,10 @@ class Trainer:
             sparse=sparse,
         )
 
+    def losses(self, batch: Tensor, out: SAEOutput) -> Tuple[Tensor, Tensor]:
+        """(main, aux): normalized MSE R(||x - x_hat||^2) / R(||x - mean x||^2) and the aux loss."""
+        return normalized_mse(batch, out.x_hat, self.config.reduction), self.aux_loss(batch, out)
+
     def train_step(self, batch: Tensor) -> StepResult:
         """One optimisation step on ``batch`` (n, d_in); raises TrainingDivergedError on NaN/inf."""
         cfg, sae = self.config, self.sae
@@ -258,9 +262,8 @@ class Trainer:
             raise TrainingDivergedError(
                 self._diverged_message("the affinities (encoder output)", float("nan"))
             ) from None
-        mse = mse_loss(batch, out.x_hat, cfg.reduction)
-        aux = self.aux_loss(batch, out)
-        loss = mse + aux
+        main, aux = self.losses(batch, out)
+        loss = main + aux
         if not bool(torch.isfinite(loss)):
             raise TrainingDivergedError(self._diverged_message("the loss", float(loss)))
         self.optimizer.zero_grad(set_to_none=True)
@@ -273,11 +276,11 @@ class Trainer:
         sae.normalize_decoder()
         sae.update_thresholds(out.pre.detach(), out.mask)
         self.usage.update(out.mask)
-        mse_value, aux_value, loss_value = float(mse.detach()), float(aux.detach()), float(loss.detach())
-        self.window.update(batch, out.x_hat.detach(), out.mask, mse_value, aux_value, loss_value)
+        main_value, aux_value, loss_value = float(main.detach()), float(aux.detach()), float(loss.detach())
+        self.window.update(batch, out.x_hat.detach(), out.mask, main_value, aux_value, loss_value)
         self.step += 1
         return StepResult(
-            self.step, loss_value, mse_value, aux_value, float(out.mask.sum()) / out.mask.shape[0], lr
+            self.step, loss_value, main_value, aux_value, float(out.mask.sum()) / out.mask.shape[0], lr
         )
 
     def _diverged_message(self, what: str, value: float) -> str:
