@@ -159,7 +159,7 @@ def main() -> int:
     payload = {
         "benchmark": "allocation kernels",
         "command": "benchmarks/bench_kernels.py " + " ".join(
-            f"--{k} {v}" for k, v in vars(args).items() if v),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v),
         "machine": _common.machine(device),
         "caveat": _common.LOAD_CAVEAT,
         "targets": targets(cells),

@@ -23,6 +23,7 @@ RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 MIXED_SIZES_CPU = "64x256,256x1024,256x4096"  # the mixed-solver script's sizes up to its target size
+MIXED_QUICK = RESULTS / "mixed_solver_make_bench_{device}.json"  # leaves the solver helper's file alone
 
 
 def steps(device: str) -> list[tuple[str, list[str]]]:
@@ -33,7 +34,8 @@ def steps(device: str) -> list[tuple[str, list[str]]]:
         ("bench_kernels.py", ["--device", device, "--repeats", "3", "--naive-repeats", "2", "--threads", "1",
                               "--sizes", "4096x32768", "--name", "kernels_1thread"] if not gpu else None),
         ("bench_solvers.py", ["--cap", "5"] if not gpu else None),
-        ("bench_mixed_solver.py", ["--device", device] + ([] if gpu else ["--sizes", MIXED_SIZES_CPU])),
+        ("bench_mixed_solver.py", ["--device", device, "--output", str(MIXED_QUICK.with_name(
+            MIXED_QUICK.name.format(device=device)))] + ([] if gpu else ["--sizes", MIXED_SIZES_CPU])),
         ("bench_training.py", ["--device", device]),
     ]
 
@@ -99,7 +101,7 @@ def _targets_table(result: dict, one_thread: dict | None) -> list[str]:
     rule = "|---|---|---|"
     extra = {}
     if one_thread and one_thread.get("targets"):
-        header = header[:-1] + " ratio (1 thread) | met |"
+        header += " ratio (1 thread) | met |"
         rule += "---|---|"
         extra = {row["target"]: row for row in one_thread["targets"]}
     lines = [header, rule]
@@ -173,8 +175,8 @@ def training_section(result: dict) -> list[str]:
         lines.append(f"| {row['rule']} | {row['decode']} | {row['tokens_per_second']:.0f} | "
                      f"{row['step_seconds'] * 1e3:.1f} | {row['peak_mb']:.0f} | "
                      f"{row['step_vs_topk']:.2f}x |")
+    lines.append("")
     for row in result.get("targets", []):
-        lines.append("")
         lines.append(f"- {row['target']}: {row['ratio']:.2f} ({'met' if row['met'] else 'not met'})")
     return lines + [""]
 
@@ -191,8 +193,8 @@ def section() -> str:
     if solvers:
         found = True
         lines += solvers_section(solvers)
-    for device in ("cpu", "cuda"):
-        mixed = load(f"mixed_solver_{device}.json")
+    for device in ("cpu", "cuda"):  # this run's quick pass, else the solver helper's full run
+        mixed = load(f"mixed_solver_make_bench_{device}.json") or load(f"mixed_solver_{device}.json")
         if mixed:
             found = True
             lines += mixed_section(mixed)
