@@ -37,6 +37,8 @@ def machine(device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "small_parallel_op_ms": small_parallel_op_ms() if device.type == "cpu" else None,
         "platform": platform.platform(),
     }
 
@@ -71,6 +73,22 @@ def interleaved_medians(methods: dict[str, Callable[[], object]], device: torch.
         for name, function in methods.items():
             runs[name].append(time_once(function, device))
     return runs
+
+
+def small_parallel_op_ms(repeats: int = 20) -> float:
+    """Median ms of one small parallel CPU op (x + 1 on 2^20 floats) started after a 1 ms pause.
+
+    With several threads this includes waking the idle worker threads; on the shared VM used here
+    that wake-up, not the arithmetic, dominates, and every op of a multi-op kernel pays it.
+    """
+    x = torch.ones(1 << 20)
+    times = []
+    for _ in range(repeats):
+        time.sleep(0.001)
+        start = time.perf_counter()
+        torch.add(x, 1)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def median(values: list[float]) -> float:

@@ -91,6 +91,7 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=None, help="default 1024 (CPU), 4096 (CUDA)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--name", default="training", help="result file stem: results/<name>_<device>.json")
     args = parser.parse_args()
     _release_large_blocks()
     device = torch.device(args.device)
@@ -105,7 +106,7 @@ def main() -> int:
     except ImportError as error:
         reason = f"allocation.sae is not available ({error})"
         print(f"skipped: {reason}")
-        _common.write_result("training", device, {"benchmark": "training throughput", "skipped": reason,
+        _common.write_result(args.name, device, {"benchmark": "training throughput", "skipped": reason,
                                                  "command": command})
         return 0
 
@@ -152,7 +153,7 @@ def main() -> int:
         "targets": targets,
         "rows": rows,
     }
-    path = _common.write_result("training", device, payload)
+    path = _common.write_result(args.name, device, payload)
     for row in targets:
         print(f"{'met' if row['met'] else 'NOT met':>8}  {row['ratio']:.2f}  {row['target']}")
     print(f"wrote {path}")

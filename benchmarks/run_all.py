@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,34 +27,46 @@ MIXED_SIZES_CPU = "64x256,256x1024,256x4096"  # the mixed-solver script's sizes 
 MIXED_QUICK = RESULTS / "mixed_solver_make_bench_{device}.json"  # leaves the solver helper's file alone
 
 
-def steps(device: str) -> list[tuple[str, list[str]]]:
-    """(script, arguments) in run order; scripts that do not exist are skipped."""
+ACTIVE_WAIT = {"OMP_WAIT_POLICY": "ACTIVE"}
+"""On this VM an idle OpenMP worker takes ~8 ms to wake, paid once per parallel op; spinning
+workers (OMP_WAIT_POLICY=ACTIVE) or one thread avoid it. The variants below measure both."""
+
+
+def steps(device: str) -> list[tuple[str, list[str], dict]]:
+    """(script, arguments, extra environment) in run order; absent scripts are skipped."""
     gpu = device != "cpu"
+    target = ["--repeats", "3", "--naive-repeats", "2", "--sizes", "4096x32768"]
+    cpu_only = [
+        ("bench_kernels.py", ["--device", device, *target, "--threads", "1", "--name", "kernels_1thread"],
+         {}),
+        ("bench_kernels.py", ["--device", device, *target, "--name", "kernels_active_wait"], ACTIVE_WAIT),
+        ("bench_solvers.py", ["--cap", "5"], {}),
+    ]
+    mixed_output = str(MIXED_QUICK.with_name(MIXED_QUICK.name.format(device=device)))
     return [
-        ("bench_kernels.py", ["--device", device, "--repeats", "3", "--naive-repeats", "2"]),
-        ("bench_kernels.py", ["--device", device, "--repeats", "3", "--naive-repeats", "2", "--threads", "1",
-                              "--sizes", "4096x32768", "--name", "kernels_1thread"] if not gpu else None),
-        ("bench_solvers.py", ["--cap", "5"] if not gpu else None),
-        ("bench_mixed_solver.py", ["--device", device, "--output", str(MIXED_QUICK.with_name(
-            MIXED_QUICK.name.format(device=device)))] + ([] if gpu else ["--sizes", MIXED_SIZES_CPU])),
-        ("bench_training.py", ["--device", device]),
+        ("bench_kernels.py", ["--device", device, "--repeats", "3", "--naive-repeats", "2"], {}),
+        *([] if gpu else cpu_only),
+        ("bench_mixed_solver.py", ["--device", device, "--output", mixed_output]
+         + ([] if gpu else ["--sizes", MIXED_SIZES_CPU]), {}),
+        ("bench_training.py", ["--device", device], {}),
+        *([] if gpu else [("bench_training.py", ["--device", device, "--name", "training_active_wait"],
+                           ACTIVE_WAIT)]),
     ]
 
 
 def run_benchmarks(device: str) -> list[dict]:
     log = []
-    for script, arguments in steps(device):
+    for script, arguments, environment in steps(device):
         path = HERE / script
-        if arguments is None:
-            continue
         if not path.exists():
             print(f"-- {script}: not present, skipped")
             log.append({"script": script, "status": "absent"})
             continue
         command = [sys.executable, str(path), *arguments]
-        print(f"-- {' '.join(command[1:])}", flush=True)
+        shown = " ".join(f"{k}={v}" for k, v in environment.items())
+        print(f"-- {shown} {' '.join(command[1:])}".replace("--  ", "-- "), flush=True)
         start = time.perf_counter()
-        code = subprocess.call(command, cwd=HERE.parent)
+        code = subprocess.call(command, cwd=HERE.parent, env={**os.environ, **environment})
         seconds = time.perf_counter() - start
         print(f"-- {script}: exit {code} after {seconds:.0f} s", flush=True)
         log.append({"script": script, "arguments": arguments, "exit_code": code, "seconds": seconds})
@@ -65,7 +78,7 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def kernels_section(result: dict, one_thread: dict | None) -> list[str]:
+def kernels_section(result: dict, variants: list[tuple[str, dict]]) -> list[str]:
     machine = result["machine"]
     lines = [
         "### Allocation kernels",
@@ -91,26 +104,29 @@ def kernels_section(result: dict, one_thread: dict | None) -> list[str]:
             f"({r['naive_fc_vs_fc']:.1f}x) | {_ms(cell['floor_seconds'])} |"
         )
     lines += ["", "Targets at 4096 x 32768 (ratios of medians of per-repeat ratios, one process):", ""]
-    lines += _targets_table(result, one_thread)
+    lines += _targets_table([(f"{result['machine']['threads']} threads", result), *variants])
     lines += ["", f"_{result['caveat']}_", ""]
+    op_ms = machine.get("small_parallel_op_ms")
+    if op_ms is not None:
+        lines += [f"_One small parallel op (x + 1 on 2^20 floats after a 1 ms pause) took {op_ms:.1f} ms in "
+                  "this run: on this VM waking idle OpenMP workers dominates it, and the blocked kernels "
+                  "pay it once per op (about 30 ops; torch.topk is one), hence the 1-thread and "
+                  "OMP_WAIT_POLICY=ACTIVE columns._", ""]
     return lines
 
 
-def _targets_table(result: dict, one_thread: dict | None) -> list[str]:
-    header = f"| target | ratio ({result['machine']['threads']} threads) | met |"
-    rule = "|---|---|---|"
-    extra = {}
-    if one_thread and one_thread.get("targets"):
-        header += " ratio (1 thread) | met |"
-        rule += "---|---|"
-        extra = {row["target"]: row for row in one_thread["targets"]}
-    lines = [header, rule]
-    for row in result["targets"]:
-        line = f"| {row['target']} | {row['ratio']:.2f} | {'yes' if row['met'] else 'no'} |"
-        if extra:
-            other = extra.get(row["target"])
-            line += f" {other['ratio']:.2f} | {'yes' if other['met'] else 'no'} |" if other else " - | - |"
-        lines.append(line)
+def _targets_table(runs: list[tuple[str, dict]]) -> list[str]:
+    """One row per target, one ratio / met pair per run (default threads, 1 thread, active wait)."""
+    runs = [(label, result) for label, result in runs if result and result.get("targets")]
+    lines = ["| target | " + " | ".join(f"{label}: ratio | met" for label, _ in runs) + " |",
+             "|---|" + "---|---|" * len(runs)]
+    by_run = [{row["target"]: row for row in result["targets"]} for _, result in runs]
+    for row in runs[0][1]["targets"]:
+        cells = []
+        for table in by_run:
+            other = table.get(row["target"])
+            cells.append(f"{other['ratio']:.2f} | {'yes' if other['met'] else 'no'}" if other else "- | -")
+        lines.append(f"| {row['target']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -160,11 +176,11 @@ def mixed_section(result: dict) -> list[str]:
     return lines + [""]
 
 
-def training_section(result: dict) -> list[str]:
+def training_section(result: dict, label: str = "") -> list[str]:
     if result.get("skipped"):
-        return ["### Training throughput", "", f"Not measured: {result['skipped']}", ""]
+        return [f"### Training throughput{label}", "", f"Not measured: {result['skipped']}", ""]
     lines = [
-        "### Training throughput",
+        f"### Training throughput{label}",
         "",
         f"{result['description']} Command: `{result['command'].strip()}`.",
         "",
@@ -188,7 +204,9 @@ def section() -> str:
         kernels = load(f"kernels_{device}.json")
         if kernels:
             found = True
-            lines += kernels_section(kernels, load(f"kernels_1thread_{device}.json"))
+            variants = [("1 thread", load(f"kernels_1thread_{device}.json")),
+                        ("2 threads, OMP_WAIT_POLICY=ACTIVE", load(f"kernels_active_wait_{device}.json"))]
+            lines += kernels_section(kernels, variants)
     solvers = load("solvers_cpu.json")
     if solvers:
         found = True
@@ -199,10 +217,11 @@ def section() -> str:
             found = True
             lines += mixed_section(mixed)
     for device in ("cpu", "cuda"):
-        training = load(f"training_{device}.json")
-        if training:
-            found = True
-            lines += training_section(training)
+        for name, label in (("training", ""), ("training_active_wait", " (OMP_WAIT_POLICY=ACTIVE)")):
+            training = load(f"{name}_{device}.json")
+            if training:
+                found = True
+                lines += training_section(training, label)
     if not found:
         lines.append("No results yet: run `make bench`.")
     return "\n".join(lines).rstrip() + "\n"
