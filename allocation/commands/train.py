@@ -85,6 +85,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument(
+        "--device", default=DEFAULTS.device, help="torch device, e.g. cpu or cuda (default cpu)"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         help="torch intra-op threads (default: torch's; 1 is best on busy shared cores)",
@@ -148,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
                 metrics_every=args.metrics_every,
                 checkpoint_every=args.checkpoint_every,
                 seed=args.seed,
+                device=args.device,
                 data_options=_data_options(args.data_option),
             )
             trainer = Trainer(config, args.data, out=out)

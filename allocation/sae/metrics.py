@@ -166,6 +166,7 @@ def evaluate(sae, batches, *, max_batches: Optional[int] = None) -> dict:
         for index, batch in enumerate(batches):
             if max_batches is not None and index >= max_batches:
                 break
+            batch = batch.to(sae.W_enc.device)
             out = sae(batch)
             window.update(batch, out.x_hat, out.mask, 0.0, 0.0, 0.0)
     finally:

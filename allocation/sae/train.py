@@ -78,6 +78,7 @@ class TrainConfig:
     eval_batches: int = 4
     b_dec_sample: int = 4096
     seed: int = 0
+    device: str = "cpu"  # torch device for the SAE and the batches (data sources yield CPU tensors)
     data: str = "synthetic"  # how the data was named (for resume); arrays are recorded as '<array>'
     data_options: Dict = field(default_factory=dict)
 
@@ -201,7 +202,13 @@ class Trainer:
             sae.initialize_b_dec(self.source.sample(config.b_dec_sample, seed=config.seed))
         elif sae.d_in != self.source.d_in:
             raise AllocationError(f"the SAE has d_in={sae.d_in} but the data has d_in={self.source.d_in}")
-        self.sae = sae
+        try:
+            self.device = torch.device(config.device)
+        except (RuntimeError, TypeError) as error:
+            raise AllocationError(
+                f"device must be a torch device such as 'cpu' or 'cuda', got {config.device!r}"
+            ) from error
+        self.sae = sae.to(self.device)
         self.optimizer = torch.optim.Adam(
             sae.parameters(), lr=config.learning_rate, betas=(0.9, 0.999), eps=6.25e-10
         )
@@ -323,7 +330,7 @@ class Trainer:
         started = time.perf_counter()
         try:
             while self.step < last:
-                result = self.train_step(next(batches))
+                result = self.train_step(next(batches).to(self.device))
                 if bar is not None:
                     bar.update(1)
                     if result.step % 10 == 0:
@@ -396,7 +403,7 @@ class Trainer:
         if true_features is not None:
             from .synthetic import feature_recovery
 
-            summary["feature_recovery"] = feature_recovery(self.sae.W_dec.detach(), true_features)
+            summary["feature_recovery"] = feature_recovery(self.sae.W_dec.detach().cpu(), true_features)
         if self.out is not None:
             _write_file(self.out / "summary.json", _json_bytes(summary))
             export_saelens(self.sae, self.out / "saelens", dataset_path=cfg.data)
