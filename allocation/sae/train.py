@@ -202,6 +202,10 @@ class Trainer:
             sae.initialize_b_dec(self.source.sample(config.b_dec_sample, seed=config.seed))
         elif sae.d_in != self.source.d_in:
             raise AllocationError(f"the SAE has d_in={sae.d_in} but the data has d_in={self.source.d_in}")
+        elif sae.n_features != config.n_features:
+            raise AllocationError(
+                f"the SAE has n_features={sae.n_features} but the config has n_features={config.n_features}"
+            )
         try:
             self.device = torch.device(config.device)
         except (RuntimeError, TypeError) as error:
