@@ -40,12 +40,10 @@ def _positive_int(value, name: str) -> int:
 
 
 @dataclass(frozen=True)
-class TopK:
-    """Each token keeps its k largest positive affinities: max <S,M> s.t. M 1 <= k."""
+class _PerTokenBudget:
+    """Shared by TopK and MutualChoice: k features per token on average, a budget of k n per batch."""
 
     k: int
-    name = "topk"
-    batch_dependent = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "k", _positive_int(self.k, "k"))
@@ -58,11 +56,19 @@ class TopK:
         """Kept entries per batch of n_tokens (at most)."""
         return self.k * n_tokens
 
-    def select(self, pre: Tensor) -> Tensor:
-        return topk(pre, self.k)
-
     def to_dict(self) -> dict:
         return {"name": self.name, "k": self.k}
+
+
+@dataclass(frozen=True)
+class TopK(_PerTokenBudget):
+    """Each token keeps its k largest positive affinities: max <S,M> s.t. M 1 <= k."""
+
+    name = "topk"
+    batch_dependent = False
+
+    def select(self, pre: Tensor) -> Tensor:
+        return topk(pre, self.k)
 
 
 @dataclass(frozen=True)
@@ -135,28 +141,14 @@ class FeatureChoice:
 
 
 @dataclass(frozen=True)
-class MutualChoice:
+class MutualChoice(_PerTokenBudget):
     """The k n largest positive affinities of the batch (BatchTopK): max <S,M> s.t. 1^T M 1 <= k n."""
 
-    k: int
     name = "mutual-choice"
     batch_dependent = True
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "k", _positive_int(self.k, "k"))
-
-    def validate(self, n_features: int) -> None:
-        if self.k > n_features:
-            raise AllocationError(f"k={self.k} exceeds n_features={n_features}; choose k <= n_features")
-
-    def budget(self, n_tokens: int, n_features: int) -> int:
-        return self.k * n_tokens
-
     def select(self, pre: Tensor) -> Tensor:
         return mutual_choice(pre, self.k * pre.shape[0])
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "k": self.k}
 
 
 Rule = Union[TopK, FeatureChoice, MutualChoice]
