@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
+from .._masks import count_selected
 from ..errors import AllocationError
 
 DENSITY_BINS = tuple(range(-8, 1))  # log10 firing-frequency bin edges: 1e-8 .. 1
@@ -42,7 +43,7 @@ class FeatureUsage:
     def update(self, mask: Tensor) -> None:
         """Record one batch's kept mask (n, F)."""
         n_tokens = mask.shape[0]
-        fired_counts = mask.sum(dim=0).cpu()
+        fired_counts = count_selected(mask, dim=0).cpu()
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[fired_counts > 0] = 0
         decay = math.exp(-n_tokens / self.window_tokens)
@@ -121,8 +122,8 @@ class MetricsWindow:
     def update(self, x: Tensor, x_hat: Tensor, mask: Tensor, main: float, aux: float, total: float) -> None:
         self.squared_error += float((x_hat - x).pow(2).sum())
         self.variance += float((x - x.mean(dim=0)).pow(2).sum())
-        self.l0_counts += torch.bincount(mask.sum(dim=1).cpu(), minlength=self.n_features + 1)
-        self.fired += mask.sum(dim=0).cpu()
+        self.l0_counts += torch.bincount(count_selected(mask, dim=1).cpu(), minlength=self.n_features + 1)
+        self.fired += count_selected(mask, dim=0).cpu()
         self.tokens += mask.shape[0]
         self.steps += 1
         self.loss_sums += torch.tensor([main, aux, total], dtype=torch.float64)

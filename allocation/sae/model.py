@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .._masks import count_selected
 from ..errors import AllocationError
 from ..rules import feature_choice, mutual_choice, topk
 from .sparse import SparseCode, decode_dense, decode_sparse
@@ -238,7 +239,7 @@ class SAEOutput:
     @property
     def l0(self) -> Tensor:
         """Kept entries per token (n,)."""
-        return self.mask.sum(dim=1)
+        return count_selected(self.mask, dim=1)
 
 
 class SparseAutoencoder(nn.Module):
@@ -352,16 +353,15 @@ class SparseAutoencoder(nn.Module):
             return None
         inf = torch.tensor(float("inf"), dtype=pre.dtype, device=pre.device)
         if isinstance(self.rule, MutualChoice):
-            if not bool(mask.any()):
+            n_kept = int(count_selected(mask))
+            if n_kept == 0 or n_kept < self.rule.budget(*pre.shape):  # budget slack: price 0
                 return pre.new_zeros(self.n_features)
             smallest_kept = torch.where(mask, pre, inf).min()
             largest_dropped = torch.where(mask, -inf, pre).max().clamp_min(0)
-            if int(mask.sum()) < self.rule.budget(*pre.shape):  # budget slack: price 0
-                return pre.new_zeros(self.n_features)
             return ((smallest_kept + largest_dropped) / 2).expand(self.n_features).clone()
         capacity = self.rule.capacity(*pre.shape)
         capacity = capacity.to(pre.device) if isinstance(capacity, Tensor) else capacity
-        kept = mask.sum(dim=0)
+        kept = count_selected(mask, dim=0)
         smallest_kept = torch.where(mask, pre, inf).amin(dim=0)
         largest_dropped = torch.where(mask, -inf, pre).amax(dim=0).clamp_min(0)
         price = (smallest_kept + largest_dropped) / 2
@@ -387,11 +387,11 @@ class SparseAutoencoder(nn.Module):
             average = self.threshold_sum / self.threshold_weight
             current = (average + self.threshold_iterate).clamp_min(0).to(pre.dtype)
             if isinstance(self.rule, MutualChoice):
-                above = (pre > current[0]).sum().to(torch.float64)
+                above = count_selected(pre > current[0]).to(torch.float64)
                 capacity = float(self.rule.budget(*pre.shape))
                 error = torch.full_like(average, (float(above) - capacity) / max(capacity, 1.0))
             else:
-                above = (pre > current).sum(dim=0).to(torch.float64)
+                above = count_selected(pre > current, dim=0).to(torch.float64)
                 capacity = self.rule.capacity(*pre.shape)
                 capacity = (
                     capacity.to(device=pre.device, dtype=torch.float64)
@@ -440,7 +440,7 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: Tensor) -> SAEOutput:
         pre = self.pre_activations(x)
         mask = self.select(pre)
-        if self.uses_sparse_decode(int(mask.sum()), pre.shape[0]):
+        if self.uses_sparse_decode(int(count_selected(mask)), pre.shape[0]):
             code = SparseCode.from_mask(pre, mask)
             return SAEOutput(decode_sparse(code, self.W_dec, self.b_dec), pre, mask, code)
         dense = torch.where(mask, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._masks import count_selected
+
 
 @dataclass
 class SparseCode:
@@ -44,7 +46,7 @@ class SparseCode:
     def from_mask(cls, scores: Tensor, mask: Tensor) -> "SparseCode":
         """The entries of ``scores`` (n, F) where ``mask`` is True (values keep their gradient)."""
         token_index, feature_index = mask.nonzero(as_tuple=True)
-        counts = mask.sum(dim=1)
+        counts = count_selected(mask, dim=1)
         offsets = torch.cumsum(counts, 0) - counts
         return cls(
             token_index,

@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .._masks import count_selected
 from ..errors import AllocationError
 from .checkpoint import (
     _json_bytes,
@@ -290,9 +291,8 @@ class Trainer:
         main_value, aux_value, loss_value = float(main.detach()), float(aux.detach()), float(loss.detach())
         self.window.update(batch, out.x_hat.detach(), out.mask, main_value, aux_value, loss_value)
         self.step += 1
-        return StepResult(
-            self.step, loss_value, main_value, aux_value, float(out.mask.sum()) / out.mask.shape[0], lr
-        )
+        l0 = float(count_selected(out.mask)) / out.mask.shape[0]
+        return StepResult(self.step, loss_value, main_value, aux_value, l0, lr)
 
     def _diverged_message(self, what: str, value: float) -> str:
         where = (
