@@ -125,18 +125,15 @@ def _feasibility_problem(mask: np.ndarray, values: np.ndarray, constraints: Cons
         return (f"selected the non-positive score {values[i, j]:.10g} at token {i}, feature {j} "
                 "(only positive scores may be selected: they lower the objective)")
     caps = constraints.resolve(*values.shape)
-    if caps.per_token is not None:
-        counts = mask.sum(axis=1)
-        over = np.flatnonzero(counts > caps.per_token)
+    for name, cap, axis, what in (("per_token", caps.per_token, 1, "token"),
+                                  ("per_feature", caps.per_feature, 0, "feature")):
+        if cap is None:
+            continue
+        counts = mask.sum(axis=axis)
+        over = np.flatnonzero(counts > cap)
         if over.size:
-            i = int(over[0])
-            return f"per_token cap exceeded at token {i} ({counts[i]} > {caps.per_token[i]})"
-    if caps.per_feature is not None:
-        counts = mask.sum(axis=0)
-        over = np.flatnonzero(counts > caps.per_feature)
-        if over.size:
-            j = int(over[0])
-            return f"per_feature cap exceeded at feature {j} ({counts[j]} > {caps.per_feature[j]})"
+            at = int(over[0])
+            return f"{name} cap exceeded at {what} {at} ({counts[at]} > {cap[at]})"
     if caps.total is not None and mask.sum() > caps.total:
         return f"total budget exceeded ({int(mask.sum())} > {caps.total})"
     return None
