@@ -33,23 +33,25 @@ def check_scores_torch(scores, name: str = "scores") -> "torch.Tensor":
         )
     if not scores.is_floating_point():
         raise AllocationError(f"{name} must be a floating tensor, got {scores.dtype}; call .float() first")
-    _check_shape_and_values(tuple(scores.shape), lambda: _all_finite_torch(scores), name)
+    _check_shape_and_values(tuple(scores.shape), lambda: all_finite(scores), name)
     return scores
 
 
-def _all_finite_torch(scores: "torch.Tensor") -> bool:
+def all_finite(tensor: "torch.Tensor") -> bool:
     """No NaN or inf: min and max propagate NaN, so both are finite iff every entry is.
 
-    One reduction pass; ``torch.isfinite(scores).all()`` is ~20x slower on CPU (a bool temporary).
+    One reduction pass; ``torch.isfinite(tensor).all()`` is ~13x slower on CPU (a bool temporary).
     """
-    smallest, largest = torch.aminmax(scores.detach())
+    if tensor.numel() == 0:
+        return True
+    smallest, largest = torch.aminmax(tensor.detach())
     return bool(torch.isfinite(smallest) & torch.isfinite(largest))
 
 
-def _check_shape_and_values(shape, all_finite, name: str) -> None:
+def _check_shape_and_values(shape, values_finite, name: str) -> None:
     if len(shape) != 2:
         raise AllocationError(f"{name} must be a 2-D (n_tokens, n_features) matrix, got shape {tuple(shape)}")
     if shape[0] == 0 or shape[1] == 0:
         raise AllocationError(f"{name} is empty (shape {tuple(shape)}); pass at least one token and one feature")
-    if not all_finite():
+    if not values_finite():
         raise AllocationError(f"{name} contains NaN or inf; clean the encoder output before allocating")

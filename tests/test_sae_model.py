@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from allocation.errors import AllocationError
 from allocation.sae import (
@@ -14,6 +16,7 @@ from allocation.sae import (
     decode_sparse,
     geometric_median,
 )
+from allocation.testing import score_matrices
 
 RULES = [TopK(4), FeatureChoice(k=4), MutualChoice(4)]
 
@@ -180,6 +183,50 @@ def test_batch_dual_prices_reproduce_the_training_mask(rule):
     sae.update_thresholds(out.pre, out.mask)
     sae.eval()
     assert torch.equal(sae(x).mask, out.mask)
+
+
+def _price_by_definition(rule, pre: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Midpoint of the smallest kept and largest dropped (>= 0) score per slice; 0 where slack."""
+    inf = torch.tensor(float("inf"), dtype=pre.dtype)
+    smallest_kept = torch.where(mask, pre, inf)
+    largest_dropped = torch.where(mask, -inf, pre)
+    if isinstance(rule, MutualChoice):
+        kept = int(mask.sum())
+        if kept == 0 or kept < rule.budget(*pre.shape):
+            return torch.zeros(pre.shape[1], dtype=pre.dtype)
+        price = (smallest_kept.min() + largest_dropped.max().clamp_min(0)) / 2
+        return price.expand(pre.shape[1])
+    price = (smallest_kept.amin(0) + largest_dropped.amax(0).clamp_min(0)) / 2
+    kept = mask.sum(0)
+    tight = (kept >= torch.as_tensor(rule.capacity(*pre.shape))) & (kept > 0)
+    return torch.where(tight, price, torch.zeros_like(price))
+
+
+@settings(max_examples=80)
+@given(data=st.data(), pre=score_matrices(max_tokens=12, max_features=10))
+def test_batch_prices_from_the_sparse_code_match_their_definition(data, pre):
+    """The O(nnz) kept side (read from the code) equals the definition over the whole matrix,
+    with ties, zeros, negative scores, slack and tight slices, with and without the code."""
+    n, n_features = pre.shape
+    k = data.draw(st.integers(1, n_features), label="k")
+    rule = data.draw(
+        st.sampled_from(
+            [
+                MutualChoice(k),
+                FeatureChoice(k=k),
+                FeatureChoice(m=data.draw(st.integers(1, n + 1), label="m")),
+                FeatureChoice(capacities=data.draw(st.lists(st.integers(0, n + 1), min_size=n_features,
+                                                            max_size=n_features), label="capacities")),
+            ]
+        ),
+        label="rule",
+    )
+    sae = SparseAutoencoder(4, n_features, rule)
+    mask = rule.select(pre)
+    expected = _price_by_definition(rule, pre, mask)
+    code = SparseCode.from_mask(pre, mask)
+    torch.testing.assert_close(sae.batch_threshold(pre, mask, code), expected, rtol=0, atol=0)
+    torch.testing.assert_close(sae.batch_threshold(pre, mask), expected, rtol=0, atol=0)
 
 
 def test_mutual_choice_price_lies_between_budget_and_next_score():

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .._masks import count_selected
+from .._validate import all_finite
 from ..errors import AllocationError
 from ..rules import feature_choice, mutual_choice, topk
 from .sparse import SparseCode, decode_dense, decode_sparse
@@ -200,7 +201,7 @@ def check_activations(x, d_in: int, name: str = "activations") -> Tensor:
     x = x.reshape(-1, d_in)
     if x.shape[0] == 0:
         raise AllocationError(f"{name} is empty: pass at least one token")
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         bad = int((~torch.isfinite(x)).any(dim=1).sum())
         raise AllocationError(
             f"{name} contain NaN or inf in {bad} of {x.shape[0]} tokens; "
@@ -341,35 +342,41 @@ class SparseAutoencoder(nn.Module):
         return (average + self.threshold_offset).clamp_min(0).to(self.W_enc.dtype)
 
     @torch.no_grad()
-    def batch_threshold(self, pre: Tensor, mask: Tensor) -> Optional[Tensor]:
+    def batch_threshold(self, pre: Tensor, mask: Tensor, code: Optional[SparseCode] = None) -> Optional[Tensor]:
         """This batch's dual prices (F,), or None for TopK.
 
         A price lies between the smallest kept and the largest dropped score of its slice (the
         whole matrix for Mutual Choice, a column for Feature Choice); we take the midpoint, with
         the dropped side clipped at 0 (only positive scores are ever kept) and price 0 for a
         feature whose capacity was not used up (a slack constraint has a zero dual).
+
+        ``code`` (the kept entries of ``mask``, as the forward pass built them) is optional: the
+        kept side is then read from its nnz values instead of a pass over the (n, F) matrix.
         """
         if isinstance(self.rule, TopK):
             return None
-        inf = torch.tensor(float("inf"), dtype=pre.dtype, device=pre.device)
+        if code is None:
+            code = SparseCode.from_mask(pre, mask)
+        kept_values = code.values.detach()
+        dropped = torch.where(mask, float("-inf"), pre)  # (n, F): the dropped scores, -inf where kept
         if isinstance(self.rule, MutualChoice):
-            n_kept = int(count_selected(mask))
+            n_kept = code.nnz
             if n_kept == 0 or n_kept < self.rule.budget(*pre.shape):  # budget slack: price 0
                 return pre.new_zeros(self.n_features)
-            smallest_kept = torch.where(mask, pre, inf).min()
-            largest_dropped = torch.where(mask, -inf, pre).max().clamp_min(0)
-            return ((smallest_kept + largest_dropped) / 2).expand(self.n_features).clone()
+            price = (kept_values.min() + dropped.max().clamp_min(0)) / 2
+            return price.expand(self.n_features).clone()
         capacity = self.rule.capacity(*pre.shape)
         capacity = capacity.to(pre.device) if isinstance(capacity, Tensor) else capacity
-        kept = count_selected(mask, dim=0)
-        smallest_kept = torch.where(mask, pre, inf).amin(dim=0)
-        largest_dropped = torch.where(mask, -inf, pre).amax(dim=0).clamp_min(0)
-        price = (smallest_kept + largest_dropped) / 2
+        kept = torch.bincount(code.feature_index, minlength=self.n_features)
+        smallest_kept = pre.new_full((self.n_features,), float("inf")).scatter_reduce_(
+            0, code.feature_index, kept_values, "amin"
+        )
+        price = (smallest_kept + dropped.amax(dim=0).clamp_min(0)) / 2
         tight = (kept >= capacity) & (kept > 0)
         return torch.where(tight, price, torch.zeros_like(price))
 
     @torch.no_grad()
-    def update_thresholds(self, pre: Tensor, mask: Tensor) -> None:
+    def update_thresholds(self, pre: Tensor, mask: Tensor, code: Optional[SparseCode] = None) -> None:
         """Fold this batch's dual prices into the running estimate t = a + c (clipped at 0).
 
         a: bias-corrected exponential moving average of the batch prices (decay ``threshold_decay``).
@@ -379,8 +386,9 @@ class SparseAutoencoder(nn.Module):
         the iterates (Polyak averaging, decay ITERATE_AVERAGING = 0.95). An average of per-batch
         order statistics is biased for bursty features (on average fewer than cap scores exceed it);
         the correction drives the expected count at the eval threshold to the training budget.
+        ``code``: as in ``batch_threshold``.
         """
-        price = self.batch_threshold(pre, mask)
+        price = self.batch_threshold(pre, mask, code)
         if price is None:
             return
         if float(self.threshold_weight) > 0.0 and self.threshold_correction > 0.0:
@@ -415,7 +423,7 @@ class SparseAutoencoder(nn.Module):
 
     def select(self, pre: Tensor) -> Tensor:
         """Kept mask (n, F): the rule in training mode; thresholds (or TopK) in eval mode."""
-        if not bool(torch.isfinite(pre).all()):
+        if not all_finite(pre):
             raise NonFiniteAffinitiesError(
                 "the encoder produced NaN or inf affinities from finite activations: the SAE's weights "
                 "have diverged (check W_enc, b_enc, b_dec)"

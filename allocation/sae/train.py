@@ -286,7 +286,7 @@ class Trainer:
             raise TrainingDivergedError(self._diverged_message("the gradient norm", float(grad_norm)))
         self.optimizer.step()
         sae.normalize_decoder()
-        sae.update_thresholds(out.pre.detach(), out.mask)
+        sae.update_thresholds(out.pre.detach(), out.mask, out.code)
         self.usage.update(out.mask)
         main_value, aux_value, loss_value = float(main.detach()), float(aux.detach()), float(loss.detach())
         self.window.update(batch, out.x_hat.detach(), out.mask, main_value, aux_value, loss_value)
