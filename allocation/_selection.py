@@ -11,8 +11,8 @@ The blocked path rests on one fact. Cut a column (or the matrix) into disjoint b
 q-th largest block maximum then at least q entries are >= T, because each of those q blocks holds
 its maximum. With q = count, the top-count entries are all >= T, and they lie in blocks whose
 maximum is >= T ("candidate blocks"). Reading only those blocks again, then taking the exact top
-count among their entries, is exact for every input; its cost is one pass of block maxima plus a
-small gather. When the candidate blocks are not few (heavy ties, budgets close to n*F, very skewed
+count among their entries >= T, is exact for every input; its cost is one pass of block maxima
+plus a small gather. When the candidate blocks are not few (heavy ties, budgets close to n*F, very skewed
 counts) it returns None and the caller uses the plain path.
 
 Ties are broken by position among the gathered entries (for a column: the lowest row first), so
@@ -21,6 +21,7 @@ exactly min(count, #positive) entries are selected per slice.
 
 from __future__ import annotations
 
+import threading
 from typing import Optional, Union
 
 import torch
@@ -84,7 +85,7 @@ def top_overall_blocked(scores: Tensor, total: int) -> Optional[Tensor]:
         return torch.zeros_like(scores, dtype=torch.bool)
     if total >= scores.numel():
         return scores > 0
-    fine = row_block_max(scores, ROWS_PER_BLOCK)  # (n_blocks, F)
+    fine = row_block_max(scores, ROWS_PER_BLOCK, reuse=True)  # (n_blocks, F)
     if fine.numel() < total:
         return None
     wanted = _one(total, scores)
@@ -110,21 +111,25 @@ def top_per_column_blocked(scores: Tensor, counts: Tensor) -> Optional[Tensor]:
     n_features = scores.shape[1]
     if int(counts.max()) == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    fine = row_block_max(scores, ROWS_PER_BLOCK)  # (n_blocks, F)
-    threshold = _at_least_positive(_column_thresholds(fine, counts))  # (F,)
-    candidate = fine >= threshold  # (n_blocks, F): blocks that can hold a chosen entry
-    columns, blocks = candidate.t().contiguous().nonzero().unbind(1)  # grouped by column
+    fine = row_block_max(scores, ROWS_PER_BLOCK, reuse=True)  # (n_blocks, F)
+    threshold = _at_least_positive(_column_thresholds(fine, counts))  # (F,): >= counts[j] entries >= T_j
+    blocks, columns = (fine >= threshold).nonzero().unbind(1)  # blocks that can hold a chosen entry
     if blocks.numel() * ROWS_PER_BLOCK > MAX_GATHER_FRACTION * scores.numel():
         return None
-    slot, width = _slots_in_column(columns, n_features)
-    if n_features * width * ROWS_PER_BLOCK > 2 * MAX_GATHER_FRACTION * scores.numel():
-        return None  # counts so skewed that the padded per-column layout would be large
-    if width == 0:  # no positive entry anywhere
+    if blocks.numel() == 0:  # no positive entry anywhere
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    index, values = _gather_cells(scores, blocks, columns)  # (cells, ROWS_PER_BLOCK)
-    by_column = values.new_full((n_features, width, ROWS_PER_BLOCK), float("-inf"))
-    by_column[columns, slot] = values  # column j's candidates in row j, ascending rows
-    chosen = top_in_rows(by_column.reshape(n_features, -1), counts).reshape(by_column.shape)
+    index, values = _gather_cells(scores, blocks, columns)  # (cells, ROWS_PER_BLOCK), in memory order
+    above = (values >= threshold[columns, None]).reshape(-1).nonzero().squeeze(1)  # the only candidates
+    columns = columns[above // ROWS_PER_BLOCK]
+    by_column = torch.argsort(columns, stable=True)  # grouped by column, ascending rows within
+    entries, columns = above[by_column], columns[by_column]
+    index, values = index.reshape(-1)[entries], values.reshape(-1)[entries]
+    slot, width = _slots_in_column(columns, n_features)
+    if n_features * width > 2 * MAX_GATHER_FRACTION * scores.numel():
+        return None  # counts so skewed that the padded per-column layout would be large
+    padded = values.new_full((n_features, width), float("-inf"))
+    padded[columns, slot] = values  # row j: column j's candidates, ascending rows
+    chosen = top_in_rows(padded, counts)
     return _mask_from(scores, index[chosen[columns, slot]])
 
 
@@ -164,11 +169,15 @@ def top_in_rows(values: Tensor, counts: Tensor) -> Tensor:
     return chosen
 
 
-def row_block_max(matrix: Tensor, rows_per_block: int) -> Tensor:
-    """Maxima of consecutive row blocks: (R, C) -> (ceil(R / rows_per_block), C); the last may be short."""
+def row_block_max(matrix: Tensor, rows_per_block: int, reuse: bool = False) -> Tensor:
+    """Maxima of consecutive row blocks: (R, C) -> (ceil(R / rows_per_block), C); the last may be short.
+
+    ``reuse``: write into this thread's scratch buffer (valid until the next reusing call).
+    """
     n_rows, n_cols = matrix.shape
     full = n_rows // rows_per_block
-    out = matrix.new_empty((-(-n_rows // rows_per_block), n_cols))
+    shape = (-(-n_rows // rows_per_block), n_cols)
+    out = _scratch(shape, matrix) if reuse else matrix.new_empty(shape)
     if full:
         body = matrix[: full * rows_per_block].reshape(full, rows_per_block, n_cols)
         torch.amax(body, dim=1, out=out[:full])
@@ -214,6 +223,27 @@ def _gather_cells(scores: Tensor, blocks: Tensor, columns: Tensor) -> tuple[Tens
     past_end = index >= scores.numel()
     values = scores.reshape(-1).take(index.clamp(max=scores.numel() - 1))
     return index, values.masked_fill(past_end, float("-inf"))
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, int], like: Tensor) -> Tensor:
+    """An uninitialised ``like.dtype`` tensor of ``shape``, reused across calls on CPU.
+
+    Large CPU tensors are fresh memory mappings: first touch costs a page fault per 4 KiB, which
+    was half of the block-maxima pass at 4096 x 32768 (67 MB: ~20 ms of ~40). Each thread keeps
+    its largest buffer per dtype (so up to 1/ROWS_PER_BLOCK of the largest input stays allocated);
+    CUDA has its own caching allocator, so there it is a plain ``empty``.
+    """
+    if like.device.type != "cpu":
+        return like.new_empty(shape)
+    buffers = _SCRATCH.__dict__.setdefault("by_dtype", {})
+    held = buffers.get(like.dtype)
+    numel = shape[0] * shape[1]
+    if held is None or held.numel() < numel:
+        held = buffers[like.dtype] = torch.empty(numel, dtype=like.dtype)
+    return held[:numel].view(shape)
 
 
 def _mask_from(scores: Tensor, flat_index: Tensor) -> Tensor:

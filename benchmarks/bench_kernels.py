@@ -13,7 +13,10 @@ median time per call of
 - ``naive_mc``: ``scores.flatten().topk(B)`` then scatter; ``naive_fc``: ``scores.topk(m, dim=0)`` then
   scatter (the baselines the issue names);
 - ``copy``: ``out.copy_(scores)`` into a preallocated tensor: the memory bandwidth is
-  (bytes read + bytes written) / time; the floor of a rule is bytes(scores) / bandwidth.
+  (bytes read + bytes written) / time; the floor of a rule is bytes(scores) / bandwidth;
+- ``zeros_mask``: ``torch.zeros(n, F, dtype=bool)``, the fresh output every mask-returning rule
+  allocates (row_topk returns no mask). On CPU a large fresh tensor page-faults on first touch,
+  so this alone can exceed the floor; it is reported to show how much of a rule's time it is.
 
 Every cell's methods are interleaved in one process; ratios to row_topk, topk and the floor are
 medians of per-repeat ratios; the naive baselines (seconds each at the largest size) are timed
@@ -59,6 +62,7 @@ def bench_cell(n: int, f: int, dtype: torch.dtype, device: torch.device, repeats
     out = torch.empty_like(scores)
     methods = {
         "copy": lambda: out.copy_(scores),
+        "zeros_mask": lambda: torch.zeros(n, f, dtype=torch.bool, device=device),
         "row_topk": lambda: scores.topk(K, dim=1, sorted=False),
         "topk": lambda: allocation.topk(scores, K),
         "mutual_choice": lambda: allocation.mutual_choice(scores, total),
@@ -95,6 +99,7 @@ def bench_cell(n: int, f: int, dtype: torch.dtype, device: torch.device, repeats
             "topk_vs_floor": ratio("topk", floor),
             "mc_vs_floor": ratio("mutual_choice", floor),
             "fc_vs_floor": ratio("feature_choice", floor),
+            "zeros_mask_vs_floor": ratio("zeros_mask", floor),
         },
     }
 
@@ -155,7 +160,8 @@ def main() -> int:
                   f"topk {s['topk'] * 1e3:7.1f}  MC {s['mutual_choice'] * 1e3:7.1f} "
                   f"(naive x{r['naive_mc_vs_mc']:.1f})  "
                   f"FC {s['feature_choice'] * 1e3:7.1f} (naive x{r['naive_fc_vs_fc']:.1f})  "
-                  f"floor {cell['floor_seconds'] * 1e3:6.1f} ms", flush=True)
+                  f"floor {cell['floor_seconds'] * 1e3:6.1f} ms  zeroed mask {s['zeros_mask'] * 1e3:6.1f} ms",
+                  flush=True)
     payload = {
         "benchmark": "allocation kernels",
         "command": "benchmarks/bench_kernels.py " + " ".join(

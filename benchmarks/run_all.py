@@ -88,12 +88,13 @@ def kernels_section(result: dict, variants: list[tuple[str, dict]]) -> list[str]
         f"k = 64 per token, Mutual Choice budget B = k n, Feature Choice m = k n / F, standard normal "
         f"scores; device {machine['device']} ({machine['device_type']}, {machine['threads']} threads, "
         f"load average {machine['load_average'][0]}). `floor` = bytes of the scores / bandwidth of a "
-        "plain copy measured in the same run. Command: "
+        "plain copy measured in the same run; `zeroed mask` = `torch.zeros(n, F, dtype=bool)`, the fresh "
+        "output each mask-returning rule allocates (row topk returns none). Command: "
         f"`{result['command'].strip()}`.",
         "",
         "| n x F | dtype | row topk | TopK mask | Mutual Choice | flatten().topk (/ MC) | Feature Choice "
-        "| topk(dim=0) (/ FC) | floor |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| topk(dim=0) (/ FC) | floor | zeroed mask |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in result["cells"]:
         s, r = cell["seconds"], cell["ratios"]
@@ -101,7 +102,7 @@ def kernels_section(result: dict, variants: list[tuple[str, dict]]) -> list[str]
             f"| {cell['n_tokens']} x {cell['n_features']} | {cell['dtype']} | {_ms(s['row_topk'])} "
             f"| {_ms(s['topk'])} | {_ms(s['mutual_choice'])} | {_ms(s['naive_mc'])} "
             f"({r['naive_mc_vs_mc']:.1f}x) | {_ms(s['feature_choice'])} | {_ms(s['naive_fc'])} "
-            f"({r['naive_fc_vs_fc']:.1f}x) | {_ms(cell['floor_seconds'])} |"
+            f"({r['naive_fc_vs_fc']:.1f}x) | {_ms(cell['floor_seconds'])} | {_ms(s.get('zeros_mask'))} |"
         )
     lines += ["", "Targets at 4096 x 32768 (ratios of medians of per-repeat ratios, one process):", ""]
     lines += _targets_table([(f"{result['machine']['threads']} threads", result), *variants])
@@ -243,7 +244,9 @@ def write_section(text: str) -> None:
         print(f"{README} has no {START} ... {END} markers: left unchanged")
 
 
-def _ms(seconds: float) -> str:
+def _ms(seconds: float | None) -> str:
+    if seconds is None:  # a result file written before the figure existed
+        return "–"
     return f"{seconds * 1e3:.0f} ms" if seconds >= 0.01 else f"{seconds * 1e3:.1f} ms"
 
 
