@@ -11,6 +11,7 @@ exercises the blocked path on small matrices; a few realistic sizes check that i
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 import pytest
@@ -159,6 +160,35 @@ def test_non_contiguous_and_grad_inputs():
             assert_exact(view, _selection.select_top_blocked(view, count, dim), count, dim)
             leaf = view.detach().clone().requires_grad_(True)
             assert_exact(view, _selection.select_top_blocked(leaf, count, dim), count, dim)
+
+
+def test_scratch_buffer_is_private_to_each_thread_and_call():
+    """The reused block-maxima buffer never leaks between calls: threads running the blocked path at
+    once, on different sizes and dtypes (shrinking and growing the buffer), stay exact."""
+    generator = torch.Generator().manual_seed(4)
+    problems = [(torch.randn(n, f, generator=generator).to(dtype), count, dim)
+                for n, f, dtype in ((700, 300, torch.float32), (64, 500, torch.float32), (333, 90, torch.bfloat16))
+                for count, dim in ((3 * n, None), (5, 0))]
+    expected = [_selection.select_top_plain(*problem) for problem in problems]
+    errors = []
+
+    def worker(order):
+        try:
+            for index in order * 3:
+                mask = _selection.select_top_blocked(*problems[index])
+                assert mask is not None and torch.equal(
+                    torch.sort(problems[index][0][mask]).values, torch.sort(problems[index][0][expected[index]]).values)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    orders = [list(range(len(problems))), list(reversed(range(len(problems))))]
+    with blocked_everywhere():
+        threads = [threading.Thread(target=worker, args=(order,)) for order in orders]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors
 
 
 def test_top_in_rows_breaks_ties_by_position():
