@@ -35,6 +35,9 @@ BLOCKED_MIN_NUMEL = 1 << 20
 ROWS_PER_BLOCK = 8
 """Rows per fine block: a fine block is ROWS_PER_BLOCK consecutive rows of one column."""
 
+SCRATCH_MAX_BYTES = 256 << 20
+"""Largest block-maxima buffer a thread keeps for reuse on CPU (per dtype); see ``_scratch``."""
+
 MAX_GATHER_FRACTION = 0.25
 """The blocked path gives up (returns None) when it would gather more than this fraction of S."""
 
@@ -233,14 +236,14 @@ def _scratch(shape: tuple[int, int], like: Tensor) -> Tensor:
 
     Large CPU tensors are fresh memory mappings: first touch costs a page fault per 4 KiB, which
     was half of the block-maxima pass at 4096 x 32768 (67 MB: ~20 ms of ~40). Each thread keeps
-    its largest buffer per dtype (so up to 1/ROWS_PER_BLOCK of the largest input stays allocated);
+    its largest buffer per dtype, at most SCRATCH_MAX_BYTES (larger requests get a fresh tensor);
     CUDA has its own caching allocator, so there it is a plain ``empty``.
     """
-    if like.device.type != "cpu":
+    numel = shape[0] * shape[1]
+    if like.device.type != "cpu" or numel * like.element_size() > SCRATCH_MAX_BYTES:
         return like.new_empty(shape)
     buffers = _SCRATCH.__dict__.setdefault("by_dtype", {})
     held = buffers.get(like.dtype)
-    numel = shape[0] * shape[1]
     if held is None or held.numel() < numel:
         held = buffers[like.dtype] = torch.empty(numel, dtype=like.dtype)
     return held[:numel].view(shape)

@@ -30,7 +30,7 @@ import _common  # noqa: E402
 
 from allocation import Constraints, solve  # noqa: E402
 
-SIZES = [(32, 128), (64, 256), (128, 512), (256, 1024), (512, 2048), (1024, 4096), (2048, 8192)]
+SIZES = [(32, 128), (64, 256), (128, 512), (256, 1024), (512, 2048), (1024, 4096), (2048, 8192), (4096, 16384)]
 K = 8
 KINDS = ("topk", "mutual_choice", "mixed")
 BACKENDS = ("scipy", "cvxpy", "torch")
@@ -92,6 +92,7 @@ def main() -> int:
     parser.add_argument("--cap", type=float, default=10.0, help="seconds per solve before giving up")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--name", default="solvers", help="result file stem: results/<name>_cpu.json")
     args = parser.parse_args()
     torch_available = _has_torch_solver()
     _import_backends()  # lazy imports happen here, once, not inside the timed solves
@@ -120,7 +121,7 @@ def main() -> int:
         "largest_within_cap": _largest(rows),
         "rows": rows,
     }
-    path = _common.write_result("solvers", torch.device("cpu"), payload)
+    path = _common.write_result(args.name, torch.device("cpu"), payload)
     print(f"wrote {path}")
     return 0
 

@@ -162,9 +162,12 @@ def test_non_contiguous_and_grad_inputs():
             assert_exact(view, _selection.select_top_blocked(leaf, count, dim), count, dim)
 
 
-def test_scratch_buffer_is_private_to_each_thread_and_call():
+@pytest.mark.parametrize("max_bytes", [_selection.SCRATCH_MAX_BYTES, 4096], ids=["reused", "over-the-cap"])
+def test_scratch_buffer_is_private_to_each_thread_and_call(monkeypatch, max_bytes):
     """The reused block-maxima buffer never leaks between calls: threads running the blocked path at
-    once, on different sizes and dtypes (shrinking and growing the buffer), stay exact."""
+    once, on different sizes and dtypes (shrinking and growing the buffer), stay exact; so do
+    requests over the cap (a fresh tensor each)."""
+    monkeypatch.setattr(_selection, "SCRATCH_MAX_BYTES", max_bytes)
     generator = torch.Generator().manual_seed(4)
     problems = [(torch.randn(n, f, generator=generator).to(dtype), count, dim)
                 for n, f, dtype in ((700, 300, torch.float32), (64, 500, torch.float32), (333, 90, torch.bfloat16))
