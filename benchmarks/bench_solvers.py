@@ -30,7 +30,8 @@ import _common  # noqa: E402
 
 from allocation import Constraints, solve  # noqa: E402
 
-SIZES = [(32, 128), (64, 256), (128, 512), (256, 1024), (512, 2048), (1024, 4096), (2048, 8192), (4096, 16384)]
+SIZES = [(32, 128), (64, 256), (128, 512), (256, 1024), (512, 2048), (1024, 4096), (2048, 8192), (4096, 16384),
+         (8192, 32768)]
 K = 8
 KINDS = ("topk", "mutual_choice", "mixed")
 BACKENDS = ("scipy", "cvxpy", "torch")

@@ -176,6 +176,21 @@ def solvers_section(result: dict) -> list[str]:
     return lines + [""]
 
 
+def _with_backend_rerun(result: dict, name: str) -> dict:
+    """Rows of ``<stem>_torch_cpu.json`` (a later run of one backend over more sizes) replace that
+    backend's rows; the command line of each run is kept."""
+    rerun = load(name.replace("_cpu.json", "_torch_cpu.json"))
+    if not rerun or rerun["cap_seconds"] != result["cap_seconds"]:
+        return result
+    backends = {row["backend"] for row in rerun["rows"]}
+    rows = [row for row in result["rows"] if row["backend"] not in backends] + rerun["rows"]
+    kinds = list(dict.fromkeys(row["kind"] for row in result["rows"]))
+    order = list(dict.fromkeys(row["backend"] for row in result["rows"]))
+    rows.sort(key=lambda row: (kinds.index(row["kind"]), order.index(row["backend"])))  # stable: sizes stay
+    command = f"{result['command'].strip()}` and `{rerun['command'].strip()}"
+    return {**result, "rows": rows, "command": command}
+
+
 def mixed_section(result: dict) -> list[str]:
     lines = [
         "### Mixed caps: torch exact solver vs scipy/HiGHS",
@@ -230,7 +245,7 @@ def section() -> str:
         solvers = load(name)
         if solvers:
             found = True
-            lines += solvers_section(solvers)
+            lines += solvers_section(_with_backend_rerun(solvers, name))
     for device in ("cpu", "cuda"):  # this run's quick pass, else the solver helper's full run
         mixed = load(f"mixed_solver_make_bench_{device}.json") or load(f"mixed_solver_{device}.json")
         if mixed:
