@@ -24,7 +24,7 @@ test-fast: install
 	$(PY) -m pytest -q -x -m "not slow"
 
 lint: install
-	$(PY) -m ruff check allocation tests
+	$(PY) -m ruff check allocation tests benchmarks
 
 # TopK, Feature Choice and Mutual Choice SAEs (aux_zipf_loss) on 50k MiniLM-L6 layer-3 activations of the
 # standard library's docstrings (extracted once, cached): comparison table + runs/demo/comparison.png.
