@@ -20,9 +20,10 @@ from ..constraints import Constraints
 from ..errors import AllocationError
 
 DEFAULT_MAX_MAGNITUDE = 1e6
-# Nonzero scores are at least this large in magnitude: the exact reference (scipy/HiGHS) ignores
-# positive scores below about 1e-9 and has failed outright on one of 7e-195; 1e-6 keeps a dynamic
-# range of 12 orders of magnitude, more than float32 resolves within one matrix.
+# Nonzero scores are at least this large in magnitude. ``solve`` hands HiGHS S / max(S), whose
+# absolute tolerances (~1e-7 to 1e-9) still blur entries that many orders below the largest one;
+# 1e-6 next to 1e6 keeps a dynamic range of 12 orders of magnitude, more than float32 resolves
+# within one matrix, and ``verify``'s objective tolerance scales with sum |S|.
 DEFAULT_MIN_MAGNITUDE = 1e-6
 
 # Magnitudes that mix in one matrix to give a large dynamic range (times a small integer).
