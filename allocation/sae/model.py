@@ -182,6 +182,27 @@ def rule_from_dict(data: dict) -> Rule:
 
 ITERATE_AVERAGING = 0.95  # decay of the Polyak average of the threshold-correction iterates
 
+ROWS_PER_CHUNK = 256
+"""Row chunk of the threshold passes: small temporaries are reused by the allocator instead of a
+fresh (n, F) tensor each step, whose page faults made the passes ~2x slower inside a training step."""
+
+
+def largest_dropped_per_column(pre: Tensor, mask: Tensor) -> Tensor:
+    """max {pre_ij : not mask_ij} over rows i, per column j (-inf where every entry is kept)."""
+    largest = pre.new_full((pre.shape[1],), float("-inf"))
+    for start in range(0, pre.shape[0], ROWS_PER_CHUNK):
+        rows = slice(start, start + ROWS_PER_CHUNK)
+        torch.maximum(largest, torch.where(mask[rows], float("-inf"), pre[rows]).amax(dim=0), out=largest)
+    return largest
+
+
+def count_above_per_column(pre: Tensor, threshold: Tensor) -> Tensor:
+    """#{i : pre_ij > threshold_j} per column j, as float64 (threshold: (F,) or a scalar)."""
+    counts = torch.zeros(pre.shape[1], dtype=torch.int64, device=pre.device)
+    for start in range(0, pre.shape[0], ROWS_PER_CHUNK):
+        counts += count_selected(pre[start : start + ROWS_PER_CHUNK] > threshold, dim=0)
+    return counts.to(torch.float64)
+
 
 class NonFiniteAffinitiesError(AllocationError):
     """Finite activations gave NaN or inf affinities: the SAE's weights have diverged."""
@@ -358,12 +379,11 @@ class SparseAutoencoder(nn.Module):
         if code is None:
             code = SparseCode.from_mask(pre, mask)
         kept_values = code.values.detach()
-        dropped = torch.where(mask, float("-inf"), pre)  # (n, F): the dropped scores, -inf where kept
         if isinstance(self.rule, MutualChoice):
             n_kept = code.nnz
             if n_kept == 0 or n_kept < self.rule.budget(*pre.shape):  # budget slack: price 0
                 return pre.new_zeros(self.n_features)
-            price = (kept_values.min() + dropped.max().clamp_min(0)) / 2
+            price = (kept_values.min() + largest_dropped_per_column(pre, mask).max().clamp_min(0)) / 2
             return price.expand(self.n_features).clone()
         capacity = self.rule.capacity(*pre.shape)
         capacity = capacity.to(pre.device) if isinstance(capacity, Tensor) else capacity
@@ -371,7 +391,7 @@ class SparseAutoencoder(nn.Module):
         smallest_kept = pre.new_full((self.n_features,), float("inf")).scatter_reduce_(
             0, code.feature_index, kept_values, "amin"
         )
-        price = (smallest_kept + dropped.amax(dim=0).clamp_min(0)) / 2
+        price = (smallest_kept + largest_dropped_per_column(pre, mask).clamp_min(0)) / 2
         tight = (kept >= capacity) & (kept > 0)
         return torch.where(tight, price, torch.zeros_like(price))
 
@@ -395,15 +415,11 @@ class SparseAutoencoder(nn.Module):
             average = self.threshold_sum / self.threshold_weight
             current = (average + self.threshold_iterate).clamp_min(0).to(pre.dtype)
             if isinstance(self.rule, MutualChoice):
-                above = count_selected(pre > current[0]).to(torch.float64)
+                above = count_above_per_column(pre, current[0]).sum()
                 capacity = float(self.rule.budget(*pre.shape))
                 error = torch.full_like(average, (float(above) - capacity) / max(capacity, 1.0))
             else:
-                # a float column sum of the comparison (exact: counts < 2^24 in float32) is ~3 ms
-                # faster per step at 1024 x 6144 than summing a bool, which converts to int first
-                counting = torch.float32 if pre.shape[0] < 2**24 else torch.float64
-                above = torch.gt(pre, current, out=torch.empty_like(pre, dtype=counting)).sum(0)
-                above = above.to(torch.float64)
+                above = count_above_per_column(pre, current)
                 capacity = self.rule.capacity(*pre.shape)
                 capacity = (
                     capacity.to(device=pre.device, dtype=torch.float64)
