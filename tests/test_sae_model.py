@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import allocation.sae.model as model
 from allocation.errors import AllocationError
 from allocation.sae import (
     FeatureChoice,
@@ -227,6 +228,24 @@ def test_batch_prices_from_the_sparse_code_match_their_definition(data, pre):
     code = SparseCode.from_mask(pre, mask)
     torch.testing.assert_close(sae.batch_threshold(pre, mask, code), expected, rtol=0, atol=0)
     torch.testing.assert_close(sae.batch_threshold(pre, mask), expected, rtol=0, atol=0)
+
+
+@settings(max_examples=60)
+@given(data=st.data(), pre=score_matrices(max_tokens=12, max_features=8))
+def test_chunked_threshold_passes_match_whole_matrix_reductions(data, pre):
+    """The row-chunked passes equal one reduction over the matrix, for any chunk height."""
+    mask = data.draw(st.lists(st.booleans(), min_size=pre.numel(), max_size=pre.numel()), label="mask")
+    mask = torch.tensor(mask).reshape(pre.shape)
+    threshold = pre[data.draw(st.integers(0, pre.shape[0] - 1), label="row")]  # ties with the scores
+    chunk = data.draw(st.sampled_from([1, 2, 3, model.ROWS_PER_CHUNK]), label="rows per chunk")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model, "ROWS_PER_CHUNK", chunk)
+        largest = model.largest_dropped_per_column(pre, mask)
+        above = model.count_above_per_column(pre, threshold)
+        above_scalar = model.count_above_per_column(pre, threshold[0])
+    assert torch.equal(largest, torch.where(mask, float("-inf"), pre).amax(dim=0))
+    assert torch.equal(above, (pre > threshold).sum(0).double())
+    assert torch.equal(above_scalar, (pre > threshold[0]).sum(0).double())
 
 
 def test_mutual_choice_price_lies_between_budget_and_next_score():
