@@ -12,8 +12,8 @@ q-th largest block maximum then at least q entries are >= T, because each of tho
 its maximum. With q = count, the top-count entries are all >= T, and they lie in blocks whose
 maximum is >= T ("candidate blocks"). Reading only those blocks again, then taking the exact top
 count among their entries >= T, is exact for every input; its cost is one pass of block maxima
-plus a small gather. When the candidate blocks are not few (heavy ties, budgets close to n*F, very skewed
-counts) it returns None and the caller uses the plain path.
+plus a small gather. When the candidate blocks are not few (heavy ties, budgets close to n*F,
+very skewed counts) it returns None and the caller uses the plain path.
 
 Ties are broken by position among the gathered entries (for a column: the lowest row first), so
 exactly min(count, #positive) entries are selected per slice.

@@ -183,8 +183,8 @@ def rule_from_dict(data: dict) -> Rule:
 ITERATE_AVERAGING = 0.95  # decay of the Polyak average of the threshold-correction iterates
 
 ROWS_PER_CHUNK = 256
-"""Row chunk of the threshold passes: small temporaries are reused by the allocator instead of a
-fresh (n, F) tensor each step, whose page faults made the passes ~2x slower inside a training step."""
+"""Row chunk of the threshold passes: small temporaries the allocator reuses, instead of fresh (n, F)
+tensors each step (page faults on CPU, and two more (n, F) tensors at the step's peak memory)."""
 
 
 def largest_dropped_per_column(pre: Tensor, mask: Tensor) -> Tensor:
@@ -371,8 +371,8 @@ class SparseAutoencoder(nn.Module):
         the dropped side clipped at 0 (only positive scores are ever kept) and price 0 for a
         feature whose capacity was not used up (a slack constraint has a zero dual).
 
-        ``code`` (the kept entries of ``mask``, as the forward pass built them) is optional: the
-        kept side is then read from its nnz values instead of a pass over the (n, F) matrix.
+        ``code``: the kept entries of ``mask`` as the forward pass built them (built here from
+        ``mask`` when absent); the kept side is read from its nnz values, not from the (n, F) matrix.
         """
         if isinstance(self.rule, TopK):
             return None
