@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: timing, machine description, result files."""
+"""Shared helpers for the benchmark scripts: machine description, result files (timing: allocation.timing)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -43,38 +42,6 @@ def machine(device: torch.device) -> dict:
     }
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued kernels (CUDA) so that wall time covers the work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_once(function: Callable[[], object], device: torch.device) -> float:
-    """Wall seconds of one call, synchronised."""
-    synchronize(device)
-    start = time.perf_counter()
-    function()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def interleaved_medians(methods: dict[str, Callable[[], object]], device: torch.device, repeats: int,
-                        warmup: int = 1) -> dict[str, list[float]]:
-    """Time every method ``repeats`` times, interleaved (method A, B, C, A, B, C, ...) after warm-up.
-
-    Interleaving spreads the machine's background load evenly over the methods, so ratios of
-    medians are fair even when absolute times drift.
-    """
-    for function in methods.values():
-        for _ in range(warmup):
-            function()
-    runs = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, function in methods.items():
-            runs[name].append(time_once(function, device))
-    return runs
-
-
 def small_parallel_op_ms(repeats: int = 20) -> float:
     """Median ms of one small parallel CPU op (x + 1 on 2^20 floats) started after a 1 ms pause.
 
@@ -89,10 +56,6 @@ def small_parallel_op_ms(repeats: int = 20) -> float:
         torch.add(x, 1)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def write_result(name: str, device: torch.device, payload: dict) -> Path:

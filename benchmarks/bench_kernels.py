@@ -21,12 +21,12 @@ median time per call of
 Every cell's methods are interleaved in one process; ratios to row_topk, topk and the floor are
 medians of per-repeat ratios; the naive baselines (seconds each at the largest size) are timed
 ``--naive-repeats`` times after their correctness check, and compared by ratio of medians.
+The measurement itself is ``allocation.timing.time_kernels`` (also behind ``allocation bench``).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -35,84 +35,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-import allocation  # noqa: E402
+from allocation.timing import time_kernels  # noqa: E402
 
 SIZES = [(n, f) for n in (1024, 4096) for f in (4096, 16384, 32768)]
 K = 64
 
 
-def naive_mutual_choice(scores: torch.Tensor, total: int) -> torch.Tensor:
-    """Global top-B by flatten().topk, then scatter (positives only)."""
-    values, index = scores.flatten().topk(total, sorted=False)
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    return mask.scatter_(0, index, values > 0).view_as(scores)
-
-
-def naive_feature_choice(scores: torch.Tensor, m: int) -> torch.Tensor:
-    """Per-column top-m by topk(dim=0), then scatter (positives only)."""
-    values, index = scores.topk(m, dim=0, sorted=False)
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(0, index, values > 0)
-
-
 def bench_cell(n: int, f: int, dtype: torch.dtype, device: torch.device, repeats: int,
                naive_repeats: int) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    scores = torch.randn(n, f, generator=generator).to(device=device, dtype=dtype)
-    total, m = K * n, max(1, K * n // f)
-    out = torch.empty_like(scores)
-    methods = {
-        "copy": lambda: out.copy_(scores),
-        "zeros_mask": lambda: torch.zeros(n, f, dtype=torch.bool, device=device),
-        "row_topk": lambda: scores.topk(K, dim=1, sorted=False),
-        "topk": lambda: allocation.topk(scores, K),
-        "mutual_choice": lambda: allocation.mutual_choice(scores, total),
-        "feature_choice": lambda: allocation.feature_choice(scores, m),
-    }
-    baselines = {
-        "naive_mc": lambda: naive_mutual_choice(scores, total),
-        "naive_fc": lambda: naive_feature_choice(scores, m),
-    }
-    _check_same_objective(scores, total, m)  # also the baselines' warm-up
-    runs = _common.interleaved_medians(methods, device, repeats)
-    runs.update(_common.interleaved_medians(baselines, device, min(repeats, naive_repeats), warmup=0))
-    seconds = {name: _common.median(times) for name, times in runs.items()}
-    bytes_read = scores.numel() * scores.element_size()
-    bandwidth = [2 * bytes_read / t for t in runs["copy"]]  # the copy reads and writes the matrix
-    floor = [bytes_read / b for b in bandwidth]
-
-    def ratio(numerator, denominator):
-        return statistics.median(a / b for a, b in zip(runs[numerator], denominator, strict=True))
-
-    return {
-        "n_tokens": n, "n_features": f, "dtype": str(dtype).replace("torch.", ""), "k": K,
-        "budget": total, "per_feature": m, "repeats": repeats, "naive_repeats": min(repeats, naive_repeats),
-        "seconds": seconds, "runs": runs,
-        "bandwidth_gb_s": statistics.median(bandwidth) / 1e9,
-        "floor_seconds": statistics.median(floor),
-        "ratios": {
-            "mc_vs_row_topk": ratio("mutual_choice", runs["row_topk"]),
-            "fc_vs_row_topk": ratio("feature_choice", runs["row_topk"]),
-            "mc_vs_topk_rule": ratio("mutual_choice", runs["topk"]),
-            "fc_vs_topk_rule": ratio("feature_choice", runs["topk"]),
-            "naive_mc_vs_mc": seconds["naive_mc"] / seconds["mutual_choice"],
-            "naive_fc_vs_fc": seconds["naive_fc"] / seconds["feature_choice"],
-            "topk_vs_floor": ratio("topk", floor),
-            "mc_vs_floor": ratio("mutual_choice", floor),
-            "fc_vs_floor": ratio("feature_choice", floor),
-            "zeros_mask_vs_floor": ratio("zeros_mask", floor),
-        },
-    }
-
-
-def _check_same_objective(scores: torch.Tensor, total: int, m: int) -> None:
-    """The fast rules and the naive baselines select the same values (a benchmark of wrong code is void)."""
-    pairs = ((allocation.mutual_choice(scores, total), naive_mutual_choice(scores, total)),
-             (allocation.feature_choice(scores, m), naive_feature_choice(scores, m)))
-    for fast, naive in pairs:
-        a = scores[fast].double().sort().values
-        b = scores[naive].double().sort().values
-        if not torch.equal(a, b):
-            raise AssertionError("fast rule and naive baseline disagree: not benchmarking a wrong kernel")
+    """One size and dtype: ``allocation.timing.time_kernels`` (naive baselines always timed)."""
+    return time_kernels(n, f, K, dtype=dtype, device=device, repeats=repeats,
+                        naive_repeats=max(1, naive_repeats))
 
 
 def targets(cells: list[dict]) -> list[dict]:

@@ -26,6 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
+from allocation.timing import interleaved_runs  # noqa: E402
+
 RULES = ("topk", "feature-choice", "mutual-choice")
 DECODES = ("dense", "sparse")
 
@@ -146,7 +148,7 @@ def main() -> int:
     for config, trainer in trainers.items():
         steps = iter(batches * 4)
         methods[config] = lambda trainer=trainer, steps=steps: trainer.train_step(next(steps))
-    runs = _common.interleaved_medians(methods, device, args.repeats, warmup=2)
+    runs = interleaved_runs(methods, device, args.repeats, warmup=2)
 
     rows = []
     for rule, decode in configs:
