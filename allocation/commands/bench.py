@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 
 from ..errors import AllocationError
 from ..timing import time_kernels
+from ._shapes import parse_shape
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    n_tokens, n_features = _size(args.size)
+    n_tokens, n_features = parse_shape(args.size, "--size")
     if not 1 <= args.k <= n_features:
         raise AllocationError(f"--k must be in [1, n_features={n_features}], got {args.k}")
     if args.repeats < 1 or args.naive_repeats < 0:
@@ -93,13 +93,6 @@ def _ratio(times: list[float], reference: list[float]) -> float:
     if len(times) == len(reference):
         return statistics.median(a / b for a, b in zip(times, reference, strict=True))
     return statistics.median(times) / statistics.median(reference)
-
-
-def _size(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not match or min(int(match.group(1)), int(match.group(2))) < 1:
-        raise AllocationError(f"--size must look like 4096x32768 (tokens x features, both >= 1), got {text!r}")
-    return int(match.group(1)), int(match.group(2))
 
 
 def _device(name: str) -> torch.device:

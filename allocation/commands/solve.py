@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from ..constraints import Constraints
 from ..errors import AllocationError
 from ..exact import BACKENDS, Allocation, solve
 from ..rules import allocate
+from ._shapes import parse_shape
 
 LARGEST_PRINTED_MASK = (16, 48)
 
@@ -47,10 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _random_scores(shape: str, seed: int) -> np.ndarray:
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", shape)
-    if not match:
-        raise AllocationError(f"--random must look like 8x16 (tokens x features), got {shape!r}")
-    n_tokens, n_features = int(match.group(1)), int(match.group(2))
+    n_tokens, n_features = parse_shape(shape, "--random", example="8x16")
     return np.random.default_rng(seed).standard_normal((n_tokens, n_features))
 
 
