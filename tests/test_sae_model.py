@@ -150,6 +150,35 @@ def test_sparse_decode_equals_dense_forward_and_gradients():
     assert torch.equal(sparse_out[3], b_dec.detach())
 
 
+def _largest_saved_for_backward(decode) -> int:
+    """Elements of the largest tensor autograd keeps for the backward of ``decode()``."""
+    sizes = []
+
+    def pack(tensor):
+        sizes.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        decode()
+    return max(sizes)
+
+
+def test_sparse_decode_memory_grows_with_kept_entries_not_with_n_times_f():
+    """What the sparse decoder keeps for its backward is O(nnz + F d); the dense one keeps n x F."""
+    n_tokens, n_features, d_in, per_token = 512, 8192, 16, 4
+    generator = torch.Generator().manual_seed(2)
+    pre = torch.randn(n_tokens, n_features, generator=generator, requires_grad=True)
+    W_dec = torch.randn(n_features, d_in, generator=generator, requires_grad=True)
+    mask = torch.zeros(n_tokens, n_features, dtype=torch.bool)
+    chosen = torch.randint(0, n_features, (n_tokens, per_token), generator=generator)
+    mask[torch.arange(n_tokens)[:, None], chosen] = True
+    code = SparseCode.from_mask(pre, mask)
+    sparse = _largest_saved_for_backward(lambda: decode_sparse(code, W_dec))
+    dense = _largest_saved_for_backward(lambda: decode_dense(torch.where(mask, pre, torch.zeros(())), W_dec))
+    assert dense >= n_tokens * n_features  # the check can tell the two apart
+    assert sparse <= max(4 * code.nnz, n_features * d_in) < n_tokens * n_features // 8
+
+
 def test_sparse_code_counts_and_dense_round_trip():
     pre = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0], [3.0, 4.0, 0.0]])
     code = SparseCode.from_mask(pre, pre > 0)
