@@ -21,6 +21,7 @@ exactly min(count, #positive) entries are selected per slice.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Optional, Union
 
@@ -37,6 +38,13 @@ ROWS_PER_BLOCK = 8
 
 SCRATCH_MAX_BYTES = 256 << 20
 """Largest block-maxima buffer a thread keeps for reuse on CPU (per dtype); see ``_scratch``."""
+
+TYPICAL_COUNT_QUANTILE = 0.9
+"""Feature Choice sizes its coarse blocks for this quantile of the per-column counts."""
+
+WIDE_COLUMN_MIN, WIDE_COLUMN_FACTOR = 64, 8.0
+"""A column with more candidates than WIDE_COLUMN_MIN and than WIDE_COLUMN_FACTOR times the mean is
+padded apart from the others (see _top_per_column)."""
 
 MAX_GATHER_FRACTION = 0.25
 """The blocked path gives up (returns None) when it would gather more than this fraction of S."""
@@ -127,13 +135,8 @@ def top_per_column_blocked(scores: Tensor, counts: Tensor) -> Optional[Tensor]:
     by_column = torch.argsort(columns, stable=True)  # grouped by column, ascending rows within
     entries, columns = above[by_column], columns[by_column]
     index, values = index.reshape(-1)[entries], values.reshape(-1)[entries]
-    slot, width = _slots_in_column(columns, n_features)
-    if n_features * width > 2 * MAX_GATHER_FRACTION * scores.numel():
-        return None  # counts so skewed that the padded per-column layout would be large
-    padded = values.new_full((n_features, width), float("-inf"))
-    padded[columns, slot] = values  # row j: column j's candidates, ascending rows
-    chosen = top_in_rows(padded, counts)
-    return _mask_from(scores, index[chosen[columns, slot]])
+    chosen = _top_per_column(values, columns, counts, n_features, 2 * MAX_GATHER_FRACTION * scores.numel())
+    return None if chosen is None else _mask_from(scores, index[chosen])
 
 
 def kth_largest(values: Tensor, counts: Tensor) -> Tensor:
@@ -192,11 +195,13 @@ def row_block_max(matrix: Tensor, rows_per_block: int, reuse: bool = False) -> T
 def _column_thresholds(fine: Tensor, counts: Tensor) -> Tensor:
     """T_j = counts[j]-th largest coarse block maximum of column j: >= counts[j] entries are >= T_j.
 
+    The coarse level is sized for a typical count (the TYPICAL_COUNT_QUANTILE of the counts), not
+    the largest, so one large Zipf capacity does not make every column's threshold expensive.
     Columns asking for more entries than there are coarse blocks get T = -inf (every positive entry
     is a candidate); columns asking for none get T = +inf (none is).
     """
-    most = int(counts.max())
-    factor = max(1, fine.shape[0] // max(8 * most, 32))
+    typical = int(counts.kthvalue(max(1, math.ceil(TYPICAL_COUNT_QUANTILE * counts.numel()))).values)
+    factor = max(1, fine.shape[0] // max(8 * typical, 32))  # ~8 coarse blocks per wanted entry
     coarse = row_block_max(fine, factor).t().contiguous()  # (F, n_coarse)
     n_coarse = coarse.shape[1]
     threshold = kth_largest(coarse, counts).squeeze(1)
@@ -205,12 +210,35 @@ def _column_thresholds(fine: Tensor, counts: Tensor) -> Tensor:
     return torch.where(counts == 0, inf, threshold)
 
 
-def _slots_in_column(columns: Tensor, n_features: int) -> tuple[Tensor, int]:
-    """For column ids sorted ascending: each one's position within its column, and the largest count."""
+def _top_per_column(values: Tensor, columns: Tensor, counts: Tensor, n_features: int,
+                    max_padded: float) -> Optional[Tensor]:
+    """The counts[j] largest of each column's candidates: a bool over the candidates, or None.
+
+    ``values``/``columns`` are grouped by column (ascending rows within). Each column's candidates go
+    to one row of a padded (columns, width) matrix for ``top_in_rows``; columns with many more
+    candidates than the others (large Zipf capacities) form a second, wider matrix of their own, so
+    that a few wide columns do not widen every row. None if a padded matrix would exceed
+    ``max_padded`` entries.
+    """
     per_column = torch.bincount(columns, minlength=n_features)
-    first = per_column.cumsum(0) - per_column
-    slot = torch.arange(columns.numel(), device=columns.device) - first[columns]
-    return slot, int(per_column.max()) if columns.numel() else 0
+    slot = torch.arange(columns.numel(), device=columns.device) - (per_column.cumsum(0) - per_column)[columns]
+    wide = per_column > max(WIDE_COLUMN_MIN, WIDE_COLUMN_FACTOR * columns.numel() / n_features)
+    chosen = torch.zeros(columns.numel(), dtype=torch.bool, device=columns.device)
+    for group in (~wide, wide):
+        members = group.nonzero().squeeze(1)  # the group's columns, ascending
+        if members.numel() == 0:
+            continue
+        width = int(per_column[members].max())
+        if members.numel() * width > max_padded:
+            return None
+        row_of = torch.full((n_features,), -1, dtype=torch.long, device=columns.device)
+        row_of[members] = torch.arange(members.numel(), device=columns.device)
+        inside = group[columns].nonzero().squeeze(1)  # candidates of the group's columns
+        rows, slots = row_of[columns[inside]], slot[inside]
+        padded = values.new_full((members.numel(), width), float("-inf"))
+        padded[rows, slots] = values[inside]  # row r: column members[r]'s candidates, ascending rows
+        chosen[inside] = top_in_rows(padded, counts[members])[rows, slots]
+    return chosen
 
 
 def _gather_cells(scores: Tensor, blocks: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:

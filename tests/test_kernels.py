@@ -45,14 +45,19 @@ def score_tensors(draw, max_tokens: int = 33, max_features: int = 21) -> torch.T
 
 @contextlib.contextmanager
 def blocked_everywhere(rows_per_block: int = 8):
-    """Force the blocked path on any size: no size threshold, no gather limit, small blocks."""
-    saved = (_selection.BLOCKED_MIN_NUMEL, _selection.MAX_GATHER_FRACTION, _selection.ROWS_PER_BLOCK)
-    _selection.BLOCKED_MIN_NUMEL, _selection.MAX_GATHER_FRACTION = 0, float("inf")
-    _selection.ROWS_PER_BLOCK = rows_per_block
+    """Force the blocked path on any size: no size threshold, no gather limit, small blocks, and
+    a low bar for padding wide columns apart (so both padded groups occur on small matrices)."""
+    names = ("BLOCKED_MIN_NUMEL", "MAX_GATHER_FRACTION", "ROWS_PER_BLOCK", "WIDE_COLUMN_MIN", "WIDE_COLUMN_FACTOR")
+    saved = {name: getattr(_selection, name) for name in names}
+    forced = {"BLOCKED_MIN_NUMEL": 0, "MAX_GATHER_FRACTION": float("inf"), "ROWS_PER_BLOCK": rows_per_block,
+              "WIDE_COLUMN_MIN": 1, "WIDE_COLUMN_FACTOR": 1.0}  # columns above the mean are padded apart
+    for name, value in forced.items():
+        setattr(_selection, name, value)
     try:
         yield
     finally:
-        _selection.BLOCKED_MIN_NUMEL, _selection.MAX_GATHER_FRACTION, _selection.ROWS_PER_BLOCK = saved
+        for name, value in saved.items():
+            setattr(_selection, name, value)
 
 
 def selected_values(scores: torch.Tensor, mask: torch.Tensor) -> list[float]:
@@ -140,6 +145,20 @@ def test_blocked_path_runs_by_default_at_training_sizes(dtype):
         assert mask is not None, "the blocked path fell back on a typical input"
         assert_exact(scores, mask, count, dim)
         assert torch.equal(allocation.rules.select_top(scores, count, dim), mask)
+
+
+@pytest.mark.parametrize("exponent", [0.5, 1.0])
+def test_zipf_capacities_stay_on_the_blocked_path(exponent):
+    """Zipf-shaped capacities (the largest = a whole column) answer on the blocked path, exactly:
+    the wide columns are padded apart instead of widening every column's row."""
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.randn(512, 2048, generator=generator)
+    weights = torch.arange(1, 2049, dtype=torch.float64) ** -exponent
+    counts = (weights / weights.sum() * 16 * 512).floor().long().clamp(1, 512)
+    assert int(counts.max()) > _selection.WIDE_COLUMN_MIN and int(counts.min()) <= 2
+    mask = _selection.select_top_blocked(scores, counts, 0)
+    assert mask is not None, "the blocked path fell back on Zipf capacities"
+    assert_exact(scores, mask, counts, 0)
 
 
 def test_degenerate_inputs_fall_back_and_stay_exact():
