@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 
 from . import rules
+from ._selection import select_top_plain
 
 Device = Union[str, torch.device]
 
@@ -62,11 +63,20 @@ def naive_feature_choice(scores: torch.Tensor, m: int) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(0, index, values > 0)
 
 
+def zipf_capacities(n_tokens: int, n_features: int, k: int, exponent: float) -> torch.Tensor:
+    """m_j = floor(k n j^-s / sum_l l^-s), clipped to [1, n]: Zipf-shaped capacities summing to ~k n."""
+    weights = torch.arange(1, n_features + 1, dtype=torch.float64) ** -exponent
+    return (weights / weights.sum() * k * n_tokens).floor().long().clamp(1, n_tokens)
+
+
 def time_kernels(n_tokens: int, n_features: int, k: int, *, dtype: torch.dtype = torch.float32,
-                 device: Device = "cpu", repeats: int = 5, naive_repeats: int = 3, seed: int = 0) -> dict:
+                 device: Device = "cpu", repeats: int = 5, naive_repeats: int = 3, seed: int = 0,
+                 zipf_exponent: Optional[float] = 1.0) -> dict:
     """Seconds per call of every method on one (n_tokens, n_features) matrix, and their ratios.
 
     ``naive_repeats = 0`` skips the naive baselines (seconds each at 4096 x 32768 on a CPU).
+    ``zipf_exponent``: also Feature Choice with ``zipf_capacities`` (None skips it); its naive
+    baseline (``topk(max m, dim=0)``, ten seconds at 4096 x 32768) is timed once, by its check.
     Raises AssertionError if a fast rule and its naive baseline select different values.
     """
     device = torch.device(device)
@@ -82,6 +92,9 @@ def time_kernels(n_tokens: int, n_features: int, k: int, *, dtype: torch.dtype =
         "mutual_choice": lambda: rules.mutual_choice(scores, total),
         "feature_choice": lambda: rules.feature_choice(scores, m),
     }
+    if zipf_exponent is not None:
+        capacities = zipf_capacities(n_tokens, n_features, k, zipf_exponent).to(device)
+        methods["feature_choice_zipf"] = lambda: rules.feature_choice(scores, capacities)
     runs = interleaved_runs(methods, device, repeats)
     naive = min(repeats, naive_repeats)
     if naive > 0:
@@ -89,6 +102,8 @@ def time_kernels(n_tokens: int, n_features: int, k: int, *, dtype: torch.dtype =
         baselines = {"naive_mc": lambda: naive_mutual_choice(scores, total),
                      "naive_fc": lambda: naive_feature_choice(scores, m)}
         runs.update(interleaved_runs(baselines, device, naive, warmup=0))
+        if zipf_exponent is not None:
+            runs["naive_fc_zipf"] = [_time_and_check_zipf(scores, capacities, device)]
     seconds = {name: statistics.median(times) for name, times in runs.items()}
     bytes_read = scores.numel() * scores.element_size()
     floor = [bytes_read / (2 * bytes_read / t) for t in runs["copy"]]  # the copy reads and writes S
@@ -109,9 +124,14 @@ def time_kernels(n_tokens: int, n_features: int, k: int, *, dtype: torch.dtype =
     if naive > 0:
         ratios["naive_mc_vs_mc"] = seconds["naive_mc"] / seconds["mutual_choice"]
         ratios["naive_fc_vs_fc"] = seconds["naive_fc"] / seconds["feature_choice"]
+        if zipf_exponent is not None:
+            ratios["naive_fc_zipf_vs_fc_zipf"] = seconds["naive_fc_zipf"] / seconds["feature_choice_zipf"]
+    if zipf_exponent is not None:
+        ratios["fc_zipf_vs_row_topk"] = ratio("feature_choice_zipf", runs["row_topk"])
     return {
         "n_tokens": n_tokens, "n_features": n_features, "dtype": str(dtype).replace("torch.", ""), "k": k,
         "budget": total, "per_feature": m, "repeats": repeats, "naive_repeats": naive,
+        "zipf_exponent": zipf_exponent,
         "seconds": seconds, "runs": runs,
         "bandwidth_gb_s": statistics.median(2 * bytes_read / t for t in runs["copy"]) / 1e9,
         "floor_seconds": statistics.median(floor),
@@ -126,3 +146,13 @@ def _check_same_values(scores: torch.Tensor, total: int, m: int) -> None:
     for fast, naive in pairs:
         if not torch.equal(scores[fast].double().sort().values, scores[naive].double().sort().values):
             raise AssertionError("fast rule and naive baseline disagree: not timing a wrong kernel")
+
+
+def _time_and_check_zipf(scores: torch.Tensor, capacities: torch.Tensor, device: torch.device) -> float:
+    """Seconds of one naive Zipf Feature Choice (per-column topk of the largest m), checked against the rule."""
+    result = {}
+    seconds = time_once(lambda: result.setdefault("mask", select_top_plain(scores, capacities, 0)), device)
+    fast = rules.feature_choice(scores, capacities)
+    if not torch.equal(scores[fast].double().sort().values, scores[result["mask"]].double().sort().values):
+        raise AssertionError("Zipf Feature Choice and its naive baseline disagree: not timing a wrong kernel")
+    return seconds

@@ -10,6 +10,8 @@ median time per call of
 - ``topk``: ``allocation.topk`` (TopK mask, with input checks);
 - ``mutual_choice``: ``allocation.mutual_choice`` with budget B = k n;
 - ``feature_choice``: ``allocation.feature_choice`` with m = k n / F per feature;
+- ``feature_choice_zipf``: the same with Zipf capacities m_j ~ 1 / j summing to about k n (each in
+  [1, n]); its naive baseline ``naive_fc_zipf`` (topk of the largest m per column) is timed once;
 - ``naive_mc``: ``scores.flatten().topk(B)`` then scatter; ``naive_fc``: ``scores.topk(m, dim=0)`` then
   scatter (the baselines the issue names);
 - ``copy``: ``out.copy_(scores)`` into a preallocated tensor: the memory bandwidth is
@@ -93,6 +95,7 @@ def main() -> int:
                   f"topk {s['topk'] * 1e3:7.1f}  MC {s['mutual_choice'] * 1e3:7.1f} "
                   f"(naive x{r['naive_mc_vs_mc']:.1f})  "
                   f"FC {s['feature_choice'] * 1e3:7.1f} (naive x{r['naive_fc_vs_fc']:.1f})  "
+                  f"FC Zipf {s['feature_choice_zipf'] * 1e3:7.1f} (naive x{r['naive_fc_zipf_vs_fc_zipf']:.1f})  "
                   f"floor {cell['floor_seconds'] * 1e3:6.1f} ms  zeroed mask {s['zeros_mask'] * 1e3:6.1f} ms",
                   flush=True)
     payload = {

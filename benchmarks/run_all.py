@@ -104,6 +104,7 @@ def kernels_section(result: dict, variants: list[tuple[str, dict]]) -> list[str]
             f"({r['naive_mc_vs_mc']:.1f}x) | {_ms(s['feature_choice'])} | {_ms(s['naive_fc'])} "
             f"({r['naive_fc_vs_fc']:.1f}x) | {_ms(cell['floor_seconds'])} | {_ms(s.get('zeros_mask'))} |"
         )
+    lines += _zipf_table(result)
     lines += ["", "Targets at 4096 x 32768 (ratios of medians of per-repeat ratios, one process):", ""]
     lines += _targets_table([(f"{result['machine']['threads']} threads", result), *variants])
     lines += _mask_allocation_note(result)
@@ -116,6 +117,25 @@ def kernels_section(result: dict, variants: list[tuple[str, dict]]) -> list[str]
                   "shared VM waking idle OpenMP workers costs milliseconds per parallel op, and the blocked "
                   "kernels run about 30 ops where torch.topk runs one: hence the 1-thread and "
                   "OMP_WAIT_POLICY=ACTIVE columns._", ""]
+    return lines
+
+
+def _zipf_table(result: dict) -> list[str]:
+    """Feature Choice with Zipf capacities, when the run measured it."""
+    cells = [c for c in result["cells"] if "feature_choice_zipf" in c["seconds"]]
+    if not cells:
+        return []
+    lines = ["", f"Feature Choice with Zipf capacities (m_j ~ j^-{cells[0]['zipf_exponent']:g}, summing to about "
+                 "k n, each in [1, n]; the naive baseline is `topk(max m, dim=0)` then a per-column rank cut, "
+                 "timed once):", "",
+             "| n x F | dtype | Feature Choice, Zipf m | vs row topk | topk(max m, dim=0) (/ FC Zipf) |",
+             "|---|---|---|---|---|"]
+    for cell in cells:
+        s, r = cell["seconds"], cell["ratios"]
+        naive = (f"{_ms(s['naive_fc_zipf'])} ({r['naive_fc_zipf_vs_fc_zipf']:.1f}x)" if "naive_fc_zipf" in s
+                 else "–")
+        lines.append(f"| {cell['n_tokens']} x {cell['n_features']} | {cell['dtype']} | "
+                     f"{_ms(s['feature_choice_zipf'])} | {r['fc_zipf_vs_row_topk']:.2f}x | {naive} |")
     return lines
 
 

@@ -14,7 +14,7 @@ def test_bench_prints_every_method_and_writes_json(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     for label in ("per-row torch.topk", "allocation.mutual_choice", "allocation.feature_choice",
-                  "flatten().topk(B)", "topk(m, dim=0)", "bandwidth floor"):
+                  "Zipf m", "flatten().topk(B)", "topk(m, dim=0)", "naive Zipf FC", "bandwidth floor"):
         assert label in out
     result = json.loads(path.read_text())
     assert (result["n_tokens"], result["n_features"], result["k"]) == (64, 256, 8)
@@ -26,9 +26,9 @@ def test_bench_prints_every_method_and_writes_json(tmp_path, capsys):
 
 def test_bench_can_skip_the_naive_baselines(capsys):
     assert cli.main(["bench", "--size", "16x32", "--k", "4", "--repeats", "1", "--naive-repeats", "0",
-                     "--dtype", "bfloat16"]) == 0
+                     "--dtype", "bfloat16", "--no-zipf"]) == 0
     out = capsys.readouterr().out
-    assert "bfloat16" in out and "naive MC" not in out
+    assert "bfloat16" in out and "naive MC" not in out and "Zipf" not in out
 
 
 @pytest.mark.parametrize(
@@ -40,6 +40,7 @@ def test_bench_can_skip_the_naive_baselines(capsys):
         (["--size", "8x8", "--k", "2", "--repeats", "0"], "--repeats must be >= 1"),
         (["--size", "8x8", "--k", "2", "--device", "nonsense"], "is not a torch device"),
         (["--size", "8x8", "--k", "2", "--threads", "0"], "--threads must be >= 1"),
+        (["--size", "8x8", "--k", "2", "--zipf-exponent", "-1"], "--zipf-exponent must be >= 0"),
     ],
 )
 def test_bench_rejects_bad_arguments_by_name(arguments, message, capsys):
@@ -58,6 +59,13 @@ def test_time_kernels_refuses_to_time_a_wrong_rule(monkeypatch):
     monkeypatch.setattr(timing.rules, "mutual_choice", lambda scores, total: scores > 10.0)
     with pytest.raises(AssertionError, match="disagree"):
         timing.time_kernels(32, 64, 4, repeats=1, naive_repeats=1)
+
+
+def test_zipf_capacities_sum_to_about_k_n_within_one_to_n():
+    capacities = timing.zipf_capacities(512, 2048, 16, 1.0)
+    assert int(capacities.min()) >= 1 and int(capacities.max()) <= 512
+    assert torch.all(capacities[:-1] >= capacities[1:])
+    assert abs(int(capacities.sum()) - 16 * 512) <= 0.5 * 16 * 512
 
 
 def test_interleaved_runs_alternate_the_methods():

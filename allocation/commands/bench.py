@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per method (default 5)")
     parser.add_argument("--naive-repeats", type=int, default=1,
                         help="timed calls of the slow naive baselines; 0 skips them (default 1)")
+    parser.add_argument("--zipf-exponent", type=float, default=1.0, metavar="S",
+                        help="also Feature Choice with Zipf capacities m_j ~ j^-S summing to k n (default 1)")
+    parser.add_argument("--no-zipf", action="store_true", help="skip the Zipf-capacity Feature Choice")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the result as JSON")
     parser.set_defaults(func=run)
@@ -48,8 +51,11 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise AllocationError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if not args.zipf_exponent >= 0:
+        raise AllocationError(f"--zipf-exponent must be >= 0, got {args.zipf_exponent}")
     result = time_kernels(n_tokens, n_features, args.k, dtype=getattr(torch, args.dtype), device=device,
-                          repeats=args.repeats, naive_repeats=args.naive_repeats)
+                          repeats=args.repeats, naive_repeats=args.naive_repeats,
+                          zipf_exponent=None if args.no_zipf else args.zipf_exponent)
     result["device"] = str(device)
     result["threads"] = torch.get_num_threads()
     print(report(result))
@@ -76,8 +82,10 @@ def report(result: dict) -> str:
         ("allocation.topk (TopK mask)", "topk"),
         ("allocation.mutual_choice", "mutual_choice"),
         ("allocation.feature_choice", "feature_choice"),
+        ("allocation.feature_choice, Zipf m", "feature_choice_zipf"),
         ("flatten().topk(B), naive MC", "naive_mc"),
         ("topk(m, dim=0), naive FC", "naive_fc"),
+        ("topk(max m, dim=0), naive Zipf FC", "naive_fc_zipf"),
         ("torch.zeros bool mask", "zeros_mask"),
     ]
     for label, key in rows:
