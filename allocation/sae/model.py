@@ -241,8 +241,15 @@ class SAEOutput:
 
     @property
     def l0(self) -> Tensor:
-        """Kept entries per token (n,)."""
-        return count_selected(self.mask, dim=1)
+        """Kept entries per token (n,) (from the sparse code when there is one: no pass over the mask)."""
+        return self.code.counts if self.code is not None else count_selected(self.mask, dim=1)
+
+    @property
+    def fired(self) -> Tensor:
+        """Kept entries per feature (F,)."""
+        if self.code is not None:
+            return torch.bincount(self.code.feature_index, minlength=self.mask.shape[1])
+        return count_selected(self.mask, dim=0)
 
 
 class SparseAutoencoder(nn.Module):

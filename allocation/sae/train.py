@@ -23,7 +23,6 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._masks import count_selected
 from ..errors import AllocationError
 from .calibration import calibrated_copy
 from .checkpoint import (
@@ -294,11 +293,12 @@ class Trainer:
         self.optimizer.step()
         sae.normalize_decoder()
         sae.update_thresholds(out.pre.detach(), out.mask, out.code)
-        self.usage.update(out.mask)
+        l0_per_token, fired = out.l0, out.fired
+        self.usage.record(fired, batch.shape[0])
         main_value, aux_value, loss_value = float(main.detach()), float(aux.detach()), float(loss.detach())
-        self.window.update(batch, out.x_hat.detach(), out.mask, main_value, aux_value, loss_value)
+        self.window.record(batch, out.x_hat.detach(), l0_per_token, fired, main_value, aux_value, loss_value)
         self.step += 1
-        l0 = float(count_selected(out.mask)) / out.mask.shape[0]
+        l0 = float(l0_per_token.sum()) / batch.shape[0]
         return StepResult(self.step, loss_value, main_value, aux_value, l0, lr)
 
     def _diverged_message(self, what: str, value: float) -> str:
