@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import allocation.sae.model as model
 import allocation.sae.prices as prices
 from allocation.errors import AllocationError
 from allocation.sae import (
@@ -67,7 +68,11 @@ def test_bad_rule_arguments():
 def test_init_unit_decoder_rows_and_tied_encoder():
     sae = SparseAutoencoder(16, 64, TopK(4))
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
-    assert torch.equal(sae.W_enc, sae.W_dec.t())
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.t() * model.ENCODER_INIT_SCALE, rtol=0, atol=0)
+    scaled = SparseAutoencoder(16, 64, TopK(4), encoder_init_scale=0.25)
+    assert torch.equal(scaled.W_enc, scaled.W_dec.t() * 0.25)
+    with pytest.raises(AllocationError, match="encoder_init_scale"):
+        SparseAutoencoder(16, 64, TopK(4), encoder_init_scale=0)
 
 
 def test_parallel_gradient_is_removed_and_rows_renormalised():

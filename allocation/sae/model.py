@@ -182,6 +182,11 @@ def rule_from_dict(data: dict) -> Rule:
 # ------------------------------------------------------------------------------------- helpers
 
 
+ENCODER_INIT_SCALE = 1.0 / math.sqrt(3.0)
+"""W_enc = c W_dec^T at init, c = 1/sqrt(3): the column norm of nn.Linear's default init (sparsify's
+encoder). Under Adam a smaller encoder moves faster relative to its size; measured on MiniLM
+(benchmarks/results/ablation_*.json) it lowered held-out FVU against c = 1."""
+
 ITERATE_AVERAGING = 0.95  # decay of the Polyak average of the threshold-correction iterates
 
 
@@ -268,6 +273,7 @@ class SparseAutoencoder(nn.Module):
         decode: str = "auto",
         threshold_decay: float = 0.99,
         threshold_correction: float = 0.05,
+        encoder_init_scale: float = ENCODER_INIT_SCALE,
         seed: Optional[int] = 0,
     ) -> None:
         super().__init__()
@@ -282,6 +288,8 @@ class SparseAutoencoder(nn.Module):
             raise AllocationError(f"decode must be 'auto', 'sparse' or 'dense', got {decode!r}")
         if not 0.0 <= threshold_decay < 1.0:
             raise AllocationError(f"threshold_decay must be in [0, 1), got {threshold_decay}")
+        if not (isinstance(encoder_init_scale, (int, float)) and 0 < encoder_init_scale < math.inf):
+            raise AllocationError(f"encoder_init_scale must be a positive number, got {encoder_init_scale!r}")
         if not 0.0 <= threshold_correction <= 1.0:
             raise AllocationError(f"threshold_correction must be in [0, 1], got {threshold_correction}")
         self.threshold_correction = float(threshold_correction)
@@ -292,7 +300,7 @@ class SparseAutoencoder(nn.Module):
         W_dec = torch.randn(n_features, d_in, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)  # (F, d_in), unit rows
-        self.W_enc = nn.Parameter(W_dec.t().clone())  # (d_in, F) = W_dec^T at init
+        self.W_enc = nn.Parameter(W_dec.t() * float(encoder_init_scale))  # (d_in, F) = c W_dec^T at init
         self.b_enc = nn.Parameter(torch.zeros(n_features))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("threshold_sum", torch.zeros(n_features, dtype=torch.float64))
