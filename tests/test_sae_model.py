@@ -120,6 +120,10 @@ def test_feature_choice_capacity_default_matches_topk_budget():
     rule = FeatureChoice(k=8)
     assert rule.capacity(n_tokens=4096, n_features=16384) == 2
     assert rule.budget(4096, 16384) == 8 * 4096
+    uneven = FeatureChoice(k=16).capacity(n_tokens=512, n_features=1536)  # 16 * 512 / 1536 = 5.33
+    assert int(uneven.sum()) == 16 * 512 and set(uneven.tolist()) == {5, 6}
+    assert FeatureChoice(k=16).budget(512, 1536) == 16 * 512  # was 15 * 512 with round(k n / F)
+    assert int(FeatureChoice(k=1).capacity(n_tokens=3, n_features=8).sum()) == 3  # k n < F: some get 0
     assert FeatureChoice(m=3).capacity(100, 7) == 3
     caps = FeatureChoice(capacities=[0, 1, 2]).capacity(10, 3)
     assert caps.tolist() == [0, 1, 2]

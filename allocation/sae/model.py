@@ -79,8 +79,8 @@ class TopK(_PerTokenBudget):
 class FeatureChoice:
     """Feature j keeps its m_j best tokens per batch: max <S,M> s.t. M^T 1 <= m.
 
-    Give exactly one of: ``k`` (m = round(k n / F) per batch of n tokens, at least 1, so the
-    budget matches TopK(k)), ``m`` (the same capacity for every feature), or ``capacities``
+    Give exactly one of: ``k`` (capacities summing to k n per batch of n tokens, as even as
+    integers allow, so the budget matches TopK(k)), ``m`` (the same capacity for every feature), or ``capacities``
     (one capacity per feature, per batch, e.g. Zipf-shaped).
     """
 
@@ -119,9 +119,18 @@ class FeatureChoice:
             )
 
     def capacity(self, n_tokens: int, n_features: int) -> Union[int, Tensor]:
-        """Per-feature capacity for a batch of n_tokens: an int, or an int64 (F,) tensor."""
+        """Per-feature capacity for a batch of n_tokens: an int, or an int64 (F,) tensor.
+
+        With ``k`` the capacities sum to exactly k n (TopK's budget): floor(k n / F) each, plus one
+        for the first (k n mod F) features.
+        """
         if self.k is not None:
-            return max(1, round(self.k * n_tokens / n_features))
+            base, extra = divmod(self.k * n_tokens, n_features)
+            if extra == 0:
+                return base
+            capacity = torch.full((n_features,), base, dtype=torch.int64)
+            capacity[:extra] += 1
+            return capacity
         if self.m is not None:
             return self.m
         return torch.tensor(self.capacities, dtype=torch.int64)

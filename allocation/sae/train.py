@@ -57,6 +57,14 @@ FIELDS_BEFORE_0_2 = {"decoder_lr_scale": 1.0, "encoder_init_scale": 1.0}
 """What a config saved before these fields existed trained with (resume continues it unchanged)."""
 
 
+def adam(groups: list, lr: float) -> torch.optim.Adam:
+    """Adam (betas 0.9 / 0.999, eps 6.25e-10), fused into one kernel per step where torch has it."""
+    try:
+        return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+    except RuntimeError:  # a device or dtype without the fused kernel
+        return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
+
+
 class TrainingDivergedError(AllocationError):
     """The loss (or the gradient norm) became NaN or inf; the step was not applied."""
 
@@ -242,7 +250,7 @@ class Trainer:
             {"params": [sae.W_dec], "lr_scale": float(config.decoder_lr_scale)},
             {"params": [sae.W_enc, sae.b_enc, sae.b_dec], "lr_scale": 1.0},
         ]
-        self.optimizer = torch.optim.Adam(groups, lr=config.learning_rate, betas=(0.9, 0.999), eps=6.25e-10)
+        self.optimizer = adam(groups, config.learning_rate)
         window = config.usage_window_tokens or max(config.batch_size, min(1_000_000, config.tokens // 4))
         self.usage = FeatureUsage(config.n_features, dead_tokens=config.dead_tokens, window_tokens=window)
         self.window = MetricsWindow(config.n_features)
