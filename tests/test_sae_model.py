@@ -69,6 +69,7 @@ def test_init_unit_decoder_rows_and_tied_encoder():
     sae = SparseAutoencoder(16, 64, TopK(4))
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
     torch.testing.assert_close(sae.W_enc, sae.W_dec.t() * model.ENCODER_INIT_SCALE, rtol=0, atol=0)
+    assert sae.W_enc.is_contiguous()  # regression: a transposed W_enc broke fused Adam's resume (strides)
     scaled = SparseAutoencoder(16, 64, TopK(4), encoder_init_scale=0.25)
     assert torch.equal(scaled.W_enc, scaled.W_dec.t() * 0.25)
     with pytest.raises(AllocationError, match="encoder_init_scale"):

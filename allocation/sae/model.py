@@ -309,7 +309,9 @@ class SparseAutoencoder(nn.Module):
         W_dec = torch.randn(n_features, d_in, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)  # (F, d_in), unit rows
-        self.W_enc = nn.Parameter(W_dec.t() * float(encoder_init_scale))  # (d_in, F) = c W_dec^T at init
+        # (d_in, F) = c W_dec^T at init, row-major like its Adam state (a transposed view gave the
+        # parameter and its loaded optimiser state different strides, which fused Adam mis-steps)
+        self.W_enc = nn.Parameter((W_dec.t() * float(encoder_init_scale)).contiguous())
         self.b_enc = nn.Parameter(torch.zeros(n_features))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("threshold_sum", torch.zeros(n_features, dtype=torch.float64))
