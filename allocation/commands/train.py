@@ -40,7 +40,10 @@ def register(subparsers) -> None:
         help="auxiliary loss: none, k (aux_k_loss, dead features) or zipf (aux_zipf_loss)",
     )
     parser.add_argument(
-        "--data", default="synthetic", help="synthetic | minilm | PATH (.npy, .safetensors, memmap)"
+        "--data",
+        default="synthetic",
+        help="synthetic | minilm | hf (a local transformers model: --data-option model=DIR text=FILE layer=L) "
+        "| PATH (.npy, .safetensors, memmap)",
     )
     parser.add_argument(
         "--data-option",
@@ -100,6 +103,19 @@ def register(subparsers) -> None:
         type=float,
         help="after training, also evaluate Feature/Mutual Choice at eval thresholds calibrated to this "
         "held-out L0 per token on a held-out calibration set (default: k; 0 skips it)",
+    )
+    parser.add_argument(
+        "--downstream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after training, splice the SAE into the model and report loss recovered (causal LMs) or "
+        "embedding cosine (encoders) on held-out text (default: on where the data names its model: hf, minilm)",
+    )
+    parser.add_argument(
+        "--downstream-tokens",
+        type=int,
+        default=DEFAULTS.downstream_tokens,
+        help=f"held-out tokens of the downstream evaluation (default {DEFAULTS.downstream_tokens})",
     )
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument(
@@ -174,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 device=args.device,
                 data_options=_data_options(args.data_option),
+                downstream=args.downstream,
+                downstream_tokens=args.downstream_tokens,
             )
             trainer = Trainer(config, args.data, out=out)
         summary = trainer.run(progress=not args.no_progress)

@@ -675,6 +675,7 @@ def hf_activations(
     """
     if model is None:
         raise AllocationError("data='hf' needs model=PATH (a local transformers model directory)")
+    check_model_dir(model)
     if text is None:
         raise AllocationError(
             "data='hf' needs text=FILE_OR_DIR (a .txt/.jsonl file, a directory of them or a "

@@ -33,6 +33,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import ActivationSource, load_activations
+from .downstream import check_downstream, trainer_downstream
 from .losses import REDUCTIONS, aux_k_loss, aux_zipf_loss, normalized_mse
 from .metrics import FeatureUsage, MetricsWindow, evaluate
 from .model import (
@@ -102,6 +103,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"  # torch device for the SAE and the batches (data sources yield CPU tensors)
     data: str = "synthetic"  # how the data was named (for resume); arrays are recorded as '<array>'
+    downstream: Optional[bool] = None  # splice into the model after training (None: where the data names one)
+    downstream_tokens: int = 2048  # held-out tokens of the downstream evaluation
     data_options: Dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -121,6 +124,7 @@ class TrainConfig:
             "metrics_every",
             "eval_batches",
             "b_dec_sample",
+            "downstream_tokens",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -219,6 +223,7 @@ class Trainer:
         else:
             config.data = "<array>"
         self.source = load_activations(data, **config.data_options)
+        check_downstream(config, self.source)
         self.out = Path(out) if out is not None else None
         if sae is None:
             rule = make_rule(config.rule, config.k)
@@ -441,6 +446,9 @@ class Trainer:
         calibrated = self.calibrated_evaluation()
         if calibrated is not None:
             summary["calibrated"] = calibrated
+        downstream = trainer_downstream(self)
+        if downstream is not None:
+            summary["downstream"] = downstream
         true_features = getattr(self.source, "true_features", None)
         if true_features is not None:
             from .synthetic import feature_recovery
