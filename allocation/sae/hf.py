@@ -573,6 +573,7 @@ def extract(
     batch_size: int = 32,
     buffer_windows: int = 2048,
     progress: bool = False,
+    desc: Optional[str] = None,
 ) -> int:
     """Write the site's activations of every window's rows into ``out`` (n, d) and per row
     ``(token id, window index)`` into ``tokens_out`` (n, 2), in corpus order; returns the rows written.
@@ -583,7 +584,11 @@ def extract(
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=out.shape[0], unit="tok", desc=f"{hf.path.name} {site}{layer}", disable=not progress, mininterval=1.0
+        total=out.shape[0],
+        unit="tok",
+        desc=f"{desc or hf.path.name} {site}{layer}",
+        disable=not progress,
+        mininterval=1.0,
     )
     pad = pad_id_of(hf.tokenizer)
     written = 0
@@ -753,7 +758,9 @@ def hf_activations(
         documents = iter_documents(corpus, text_field)
         windows = iter_windows(documents, hf.tokenizer, n_tokens, max_length, keep_special_tokens, prefix, suffix)
         counter = _Counter(windows)
-        written = extract(hf, layer, site, counter, out, tokens_out, batch_size=batch_size, progress=progress)
+        written = extract(
+            hf, layer, site, counter, out, tokens_out, batch_size=batch_size, progress=progress, desc=model_name
+        )
         if written == 0:
             raise AllocationError(
                 f"the corpus {described} is empty: it holds no text to tokenise; pass a corpus with text"
