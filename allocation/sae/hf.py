@@ -155,7 +155,9 @@ def _load_model(path: str, model_dtype: str) -> HFModel:
         causal = is_causal_config(config)
         loader = AutoModelForCausalLM if causal else AutoModel
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = loader.from_pretrained(path, local_files_only=True, dtype=getattr(torch, model_dtype))
+        major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+        dtype_keyword = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+        model = loader.from_pretrained(path, local_files_only=True, **{dtype_keyword: getattr(torch, model_dtype)})
     except AllocationError:
         raise
     except Exception as error:
