@@ -55,3 +55,26 @@ def _check_shape_and_values(shape, values_finite, name: str) -> None:
         raise AllocationError(f"{name} is empty (shape {tuple(shape)}); pass at least one token and one feature")
     if not values_finite():
         raise AllocationError(f"{name} contains NaN or inf; clean the encoder output before allocating")
+
+
+def check_device(name, option: str = "--device") -> "torch.device":
+    """``name`` as a torch device that exists here, or AllocationError naming ``option`` and the fix."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise AllocationError(
+            f"{option} {name!r} is not a torch device ({error}); use e.g. cpu, cuda or cuda:1"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AllocationError(
+                f"{option} {name!r}: CUDA is not available here (torch {torch.__version__}); use cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise AllocationError(
+                f"{option} {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise AllocationError(f"{option} {name!r}: MPS is not available here; use cpu")
+    return device

@@ -5,7 +5,7 @@ sae = SparseAutoencoder(d_in=384, n_features=4096, rule=MutualChoice(k=32))
 summary = Trainer(TrainConfig(rule="mutual-choice", k=32, aux="zipf"), "synthetic").run()
 """
 
-from .checkpoint import CheckpointError, export_saelens, load_checkpoint, load_sae, save_sae
+from .checkpoint import CheckpointError, load_checkpoint, load_sae, save_sae
 from .data import ActivationSource, ArraySource, load_activations
 from .losses import aux_k_loss, aux_zipf_loss, fvu, mse_loss, normalized_mse, zipf_targets
 from .metrics import FeatureUsage, evaluate
@@ -20,9 +20,18 @@ from .model import (
     geometric_median,
     make_rule,
 )
+from .rundir import RunDirectoryError
+from .saelens import export_saelens
 from .sparse import SparseCode, decode_dense, decode_sparse
 from .synthetic import SyntheticSource, feature_recovery
-from .train import StepResult, TrainConfig, Trainer, TrainingDivergedError, train
+from .train import (
+    StepResult,
+    TrainConfig,
+    Trainer,
+    TrainingDivergedError,
+    TrainingExplodedWarning,
+    train,
+)
 
 __all__ = [
     "ActivationSource",
@@ -31,6 +40,7 @@ __all__ = [
     "FeatureChoice",
     "FeatureUsage",
     "MutualChoice",
+    "RunDirectoryError",
     "SAEOutput",
     "SparseAutoencoder",
     "SparseCode",
@@ -40,6 +50,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "TrainingDivergedError",
+    "TrainingExplodedWarning",
     "aux_k_loss",
     "aux_zipf_loss",
     "decode_dense",
