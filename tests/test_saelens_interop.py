@@ -10,10 +10,10 @@ import torch
 
 sae_lens = pytest.importorskip("sae_lens")
 
+from test_sae_train import tiny_config  # noqa: E402
+
 from allocation.sae import Trainer  # noqa: E402
 from allocation.sae.saelens import SAELENS_VERSION  # noqa: E402
-
-from test_sae_train import tiny_config  # noqa: E402
 
 EXPECTED_CLASS = {"topk": "TopKSAE", "feature-choice": "JumpReLUSAE", "mutual-choice": "JumpReLUSAE"}
 
