@@ -47,6 +47,10 @@ def _as_cap(value: CapLike, name: str) -> Union[int, np.ndarray, None]:
     if torch is not None and isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     array = np.asarray(value)
+    if array.dtype == object and array.ndim == 1 and all(
+        isinstance(v, Integral) and not isinstance(v, bool) for v in array
+    ):  # Python ints beyond int64 (e.g. [1, 10**30]): unlimited for any matrix
+        array = np.array([min(int(v), UNLIMITED) if v >= 0 else -1 for v in array], dtype=np.int64)
     if array.dtype.kind not in "iuf":
         raise AllocationError(f"{name} must hold finite integers, got {type(value).__name__} {value!r}")
     if array.ndim == 0:
