@@ -278,7 +278,7 @@ def test_issue11_negative_warmup_and_zipf_exponent_are_refused(capsys):
 def test_issue11_stale_staging_is_removed_on_the_next_resume(tmp_path):
     """Issue 11.8: killed saves left .checkpoint.tmp-* directories (as big as a checkpoint) forever."""
     Trainer(tiny_config(), "synthetic", out=tmp_path).run(stop_at_step=5)
-    stale = [tmp_path / ".checkpoint.tmp-dead1", tmp_path / ".saelens.tmp-dead2"]
+    stale = [tmp_path / ".checkpoint.tmp-dead1", tmp_path / ".saelens.tmp-dead2", tmp_path / ".checkpoint.old"]
     for directory in stale:
         directory.mkdir()
         (directory / "sae.safetensors").write_bytes(b"x" * 1000)

@@ -7,7 +7,8 @@ directory is moved aside to ``.<name>.old`` first and removed last, so an interr
 the old or the new one (``resolve_published`` finds the moved-aside copy after a crash mid-swap).
 
 A process killed mid-write leaves its temporary siblings behind; ``remove_stale`` deletes them by
-name pattern (only for the names it is given) on the next write into the same directory.
+name pattern (only for the names it is given), and a moved-aside copy once the new directory is in
+place, on the next write into the same directory.
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ def _fsync_directory(directory: Path) -> None:
         os.close(handle)
 
 
-def write_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temporary sibling, fsync, chmod to the umask, rename."""
+def write_file(path: Path, data: bytes, *, sync_directory: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically: temporary sibling, fsync, chmod to the umask, rename.
+
+    ``sync_directory=False`` skips the fsync of the parent (the caller syncs it once, later).
+    """
     path = Path(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -64,7 +68,8 @@ def write_file(path: Path, data: bytes) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
-    _fsync_directory(path.parent)
+    if sync_directory:
+        _fsync_directory(path.parent)
 
 
 def staging_directory(target: Path) -> Path:
@@ -110,7 +115,7 @@ def write_directory(target: Path, files: dict) -> Path:
     staging = staging_directory(target)
     try:
         for name, data in files.items():
-            write_file(staging / name, data)
+            write_file(staging / name, data, sync_directory=False)  # publish syncs the staging directory
         publish_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -127,6 +132,8 @@ def stale_entries(directory: Path, names: Iterable[str]) -> list:
     for name in names:
         found.extend(directory.glob(f".{name}.tmp-*"))  # staging directories
         found.extend(directory.glob(f".{name}.*.tmp"))  # temporary files
+        if (directory / name).exists() and _aside(directory / name).exists():
+            found.append(_aside(directory / name))  # a swap killed while removing the old copy
     return sorted(set(found))
 
 

@@ -3,9 +3,9 @@
 Rules, checked before any training work:
 
 - DIR must be a directory we can create and write (not a file, not read-only).
-- A fresh run refuses a DIR that holds anything (``.lock`` aside): continue the run there with
-  ``--resume`` or replace it with ``--overwrite``, which deletes the run's own entries
-  (``RUN_ENTRIES`` and their temporary siblings) and nothing else.
+- A fresh run refuses a DIR that holds anything (``.lock`` and killed writers' temporaries aside):
+  continue the run there with ``--resume`` or replace it with ``--overwrite``, which deletes the
+  run's own entries (``RUN_ENTRIES`` and their temporary siblings) and nothing else.
 - One writer at a time: a writer holds an exclusive ``flock`` on ``DIR/.lock`` (which records its
   PID) while it writes, and removes the file when done; a second process is refused, naming that
   PID. The kernel drops the lock when its holder dies, so a killed run never blocks the next one
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..errors import AllocationError
-from .atomic import remove_stale
+from .atomic import remove_stale, stale_entries
 
 LOCK_FILE = ".lock"
 RUN_ENTRIES = ("checkpoint", "metrics.jsonl", "summary.json", "saelens")
@@ -62,10 +62,11 @@ class RunDirectory:
             ) from None
 
     def entries(self) -> list:
-        """Everything in DIR but the lock file."""
+        """Everything in DIR but the lock file and the temporaries killed writers left (garbage)."""
         if not self.path.is_dir():
             return []
-        return sorted(entry.name for entry in self.path.iterdir() if entry.name != LOCK_FILE)
+        ignored = {LOCK_FILE} | {entry.name for entry in stale_entries(self.path, RUN_ENTRIES)}
+        return sorted(entry.name for entry in self.path.iterdir() if entry.name not in ignored)
 
     def check_fresh(self, describe_run=None) -> None:
         """Refuse a DIR that is not empty; ``describe_run()`` may say what run it holds."""
