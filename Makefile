@@ -47,7 +47,7 @@ demo: install
 	$(VENV)/bin/allocation train --rule topk,feature-choice,mutual-choice --data minilm \
 		--data-option n_tokens=50000 --data-option progress=true --k 16 --n-features 1536 --aux zipf \
 		--tokens 122880 --batch-size 512 --lr 2e-3 --metrics-every 40 --threads 1 \
-		--out runs/demo --plot runs/demo/comparison.png
+		--out runs/demo --overwrite --plot runs/demo/comparison.png
 
 # Every benchmark (JSON in benchmarks/results/), then the README's performance section from them.
 bench: install

@@ -369,3 +369,14 @@ def test_export_subcommand_refuses_unfinished_and_missing_runs(tmp_path, capsys)
     assert "stopped at step 4 of 30" in capsys.readouterr().err
     assert cli_main(["export", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_extending_a_finished_run_removes_its_stale_summary_until_it_finishes_again(tmp_path):
+    """summary.json present means 'finished, export current': a resume with more --tokens that is
+    interrupted must not leave the old summary beside a newer checkpoint."""
+    Trainer(tiny_config(), "synthetic", out=tmp_path).run()
+    assert (tmp_path / "summary.json").exists()
+    Trainer.resume(tmp_path, changes={"tokens": 64 * 40}).run(stop_at_step=35)
+    assert not (tmp_path / "summary.json").exists()
+    assert Trainer.resume(tmp_path).run()["steps"] == 40
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 40

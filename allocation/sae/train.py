@@ -412,6 +412,10 @@ class Trainer:
                 dynamic_ncols=True,
             )
         batches = self.source.batches(cfg.batch_size, seed=cfg.seed, start_batch=self.step)
+        if self.out is not None and self.step < last:
+            # summary.json describes a finished state this run is about to change (e.g. a resume with
+            # more --tokens): remove it, so that its presence always means 'finished, export current'
+            (self.out / "summary.json").unlink(missing_ok=True)
         try:
             self._train_until(last, batches, bar, on_metrics)
         finally:
