@@ -380,3 +380,24 @@ def test_extending_a_finished_run_removes_its_stale_summary_until_it_finishes_ag
     assert not (tmp_path / "summary.json").exists()
     assert Trainer.resume(tmp_path).run()["steps"] == 40
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 40
+
+
+def test_checkpoints_of_the_previous_format_still_load(tmp_path):
+    """Format 1 (sha256 of the tensors inside trainer.json, no manifest) stays readable."""
+    import hashlib
+
+    Trainer(tiny_config(), "synthetic", out=tmp_path).run(stop_at_step=3)
+    checkpoint = tmp_path / "checkpoint"
+    (checkpoint / "manifest.json").unlink()
+    cfg = json.loads((checkpoint / "cfg.json").read_text())
+    (checkpoint / "cfg.json").write_text(json.dumps(dict(cfg, format="allocation-sae-checkpoint/1")))
+    state = json.loads((checkpoint / "trainer.json").read_text())
+    state["sha256"] = {
+        name: hashlib.sha256((checkpoint / name).read_bytes()).hexdigest()
+        for name in ("sae.safetensors", "trainer.safetensors")
+    }
+    (checkpoint / "trainer.json").write_text(json.dumps(state))
+    assert Trainer.resume(tmp_path).step == 3
+    (checkpoint / "sae.safetensors").write_bytes(b"x" + (checkpoint / "sae.safetensors").read_bytes()[1:])
+    with pytest.raises(CheckpointError, match="sae.safetensors.*corrupt"):
+        load_checkpoint(checkpoint)
