@@ -183,6 +183,11 @@ class StepResult:
 class Trainer:
     """Owns the SAE, the optimizer, the usage counters and the run directory.
 
+    ``out`` (optional) is checked at once (``allocation.sae.rundir``): it must be writable, and a
+    fresh run refuses one that is not empty unless ``overwrite=True`` (which replaces the run's own
+    files when training starts); ``Trainer.resume(out)`` continues the run there. Writes hold the
+    directory's lock.
+
     Benchmark API: ``Trainer(config, data)`` then ``train_step(batch)`` on (batch_size, d_in)
     tensors; ``sae.decode_mode`` ('sparse' / 'dense' / 'auto') picks the decoder path.
     """
