@@ -75,11 +75,11 @@ def test_issue11_saelens_export_directory_appears_atomically(tmp_path, monkeypat
 
     real_write, calls = atomic.write_file, []
 
-    def failing_write(path, data):
+    def failing_write(path, data, **options):
         calls.append(path)
         if len(calls) == 2:
             raise OSError("disk full (simulated)")
-        real_write(path, data)
+        real_write(path, data, **options)
 
     monkeypatch.setattr(atomic, "write_file", failing_write)
     with pytest.raises(OSError, match="simulated"):
