@@ -1,11 +1,12 @@
 """Fault injection: SIGKILL a training process at random instants, resume, compare with an unbroken run.
 
-Each trial forks a child that runs ``allocation train --checkpoint-every 1`` on a simulated slow disk
-(2 ms per fsync, so most instants fall inside a checkpoint write), kills it by PID with SIGKILL at a uniformly random time within the
-reference run's duration, then resumes it (``--resume``; a fresh run if no checkpoint was complete
-yet) in another child. The resumed run must end bit-identical to the reference (SAE tensors, the
-SAELens export) with no staging directory, temporary file or lock left behind. Children are forked
-from this process (torch already imported, one thread), so a trial takes a fraction of a second.
+Each trial forks a child that runs ``allocation train --checkpoint-every 1`` on a simulated slow
+disk (2 ms per fsync, so most instants fall inside a checkpoint write), kills it by PID with SIGKILL
+at a uniformly random time within the reference run's duration, then resumes it (``--resume``; a
+fresh run if no checkpoint was complete yet) in another child. The resumed run must end
+bit-identical to the reference (SAE tensors, optimizer state, the SAELens export) with no staging
+directory, temporary file or lock left behind. Children are forked from this process (torch already
+imported, one thread), so a trial takes a fraction of a second on an idle machine.
 """
 
 import json

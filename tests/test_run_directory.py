@@ -61,6 +61,16 @@ def test_issue11_saelens_cfg_is_version_6_with_a_hook_name(tmp_path, rule):
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
 
 
+def test_saelens_export_takes_model_and_hook_from_the_data_files_sidecar(tmp_path):
+    from allocation.sae.data import write_memmap
+
+    data = write_memmap(tmp_path / "acts.f32", torch.randn(600, 16), model="gpt2", hook_name="blocks.5.hook_resid_post")
+    Trainer(tiny_config(data_options={}, aux="k"), str(data), out=tmp_path / "run").run()
+    metadata = json.loads((tmp_path / "run" / "saelens" / "cfg.json").read_text())["metadata"]
+    assert metadata["hook_name"] == "blocks.5.hook_resid_post" and metadata["model_name"] == "gpt2"
+    assert metadata["dataset_path"] == str(data)
+
+
 def test_minilm_hooks_are_transformerlens_bert_names():
     assert hook_name(0) == "hook_full_embed"
     assert hook_name(3) == "blocks.2.hook_normalized_resid_post"
