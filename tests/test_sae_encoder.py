@@ -43,14 +43,15 @@ def encoder_problems(draw):
 
 @pytest.mark.parametrize("dense_fraction", [0.0, 1.0 / 8.0, 2.0], ids=["always-dense", "default", "always-sparse"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(problem=encoder_problems())
-def test_sparse_backward_equals_dense_backward(problem, dense_fraction, monkeypatch):
+@given(problem=encoder_problems(), features_per_chunk=st.sampled_from([1, 2, 5, 1024]))
+def test_sparse_backward_equals_dense_backward(problem, features_per_chunk, dense_fraction, monkeypatch):
     """dL/dx, dL/db_dec, dL/dW_enc and dL/db_enc agree with the dense backward on either branch."""
     monkeypatch.setattr(encoder_module, "DENSE_FRACTION", dense_fraction)
+    monkeypatch.setattr(encoder_module, "FEATURES_PER_CHUNK", features_per_chunk)
     sparse = _gradients(*problem, sparse_backward=True)
     dense = _gradients(*problem, sparse_backward=False)
     for name, got, expected in zip(("x", "b_dec", "W_enc", "b_enc"), sparse, dense):
-        assert got.shape == expected.shape, name
+        assert got.shape == expected.shape and got.is_contiguous(), name
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=name)
 
 

@@ -257,21 +257,20 @@ def source_downstream(
 
 
 def open_run(run: Union[str, Path]) -> tuple[Any, Any]:
-    """(sae, activation source) of a saved run directory (``RUN/checkpoint`` or a checkpoint itself)."""
-    import json
-
-    from .checkpoint import load_sae
+    """(sae, activation source or None) of a saved run (``RUN/checkpoint``, or a checkpoint itself);
+    the source is the run's activation cache when it still exists."""
+    from .atomic import resolve_published
+    from .checkpoint import CFG_FILE, SAE_FILE, _Reader, _sae_from
     from .data import ArraySource, read_memmap
 
     run = Path(run)
-    directory = run / "checkpoint" if (run / "checkpoint").is_dir() else run
-    if not (directory / "cfg.json").is_file():
+    directory = resolve_published(run / "checkpoint") or resolve_published(run)
+    if directory is None or not (directory / CFG_FILE).is_file():
         raise AllocationError(
             f"{str(run)!r} is not a run directory: no checkpoint/cfg.json (pass the --out of allocation train, "
             "or RUN/<rule> for a comparison run)"
         )
-    sae = load_sae(directory)
-    cfg = json.loads((directory / "cfg.json").read_text())
+    sae, cfg = _sae_from(_Reader(directory, (CFG_FILE, SAE_FILE)))
     described = cfg.get("data_source", {})
     cache_path = described.get("cache_path")
     if not cache_path or not Path(cache_path).exists():
@@ -279,6 +278,16 @@ def open_run(run: Union[str, Path]) -> tuple[Any, Any]:
     array, sidecar = read_memmap(Path(cache_path), f"activation cache {cache_path!r}")
     fraction = described.get("n_heldout", 0) / max(described.get("n_tokens", 1), 1) or 0.1
     return sae, ArraySource(array, heldout_fraction=fraction, name=cache_path, metadata=sidecar, check_finite=False)
+
+
+def run_config(run: Union[str, Path]) -> dict:
+    """The cfg.json of a saved run's checkpoint."""
+    from .atomic import resolve_published
+    from .checkpoint import CFG_FILE, _Reader
+
+    run = Path(run)
+    directory = resolve_published(run / "checkpoint") or resolve_published(run)
+    return _Reader(directory, (CFG_FILE,)).json(CFG_FILE)
 
 
 def evaluate_downstream(

@@ -46,11 +46,11 @@ class _Affinities(torch.autograd.Function):
             grad_x = _sum_per_bag(token, grad.shape[0], feature, values, W_enc.t().contiguous())
         if need_b_dec:
             grad_b_dec = -(W_enc @ per_feature)
-        if need_W_enc:
+        if need_W_enc:  # regroup the entries by feature, in place of the by-token lists (peak memory)
             by_feature = torch.argsort(feature, stable=True)
-            grad_W_enc = _sum_per_bag(
-                feature[by_feature], grad.shape[1], token[by_feature], values[by_feature], centered
-            ).t().contiguous()  # W_enc's row-major layout
+            feature, token, values = feature[by_feature], token[by_feature], values[by_feature]
+            del by_feature
+            grad_W_enc = _feature_gradient(feature, token, values, centered, W_enc)
         return grad_x, grad_b_dec, grad_W_enc, per_feature if need_b_enc else None
 
 
@@ -59,6 +59,31 @@ def _sum_per_bag(bag: Tensor, n_bags: int, index: Tensor, weight: Tensor, table:
     counts = torch.bincount(bag, minlength=n_bags)
     offsets = torch.cumsum(counts, 0) - counts
     return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weight)
+
+
+FEATURES_PER_CHUNK = 256
+"""Features per embedding_bag call of the W_enc gradient: its (chunk, d) rows are written into the
+(d, F) gradient, so no second (F, d) buffer exists at the step's peak."""
+
+
+def _feature_gradient(feature: Tensor, token: Tensor, values: Tensor, centered: Tensor, W_enc: Tensor) -> Tensor:
+    """dL/dW_enc (d, F), row-major like W_enc: column j = sum of values[e] * centered[token[e]] over feature[e] = j.
+
+    ``feature`` sorted; each chunk of features owns one contiguous range of entries.
+    """
+    d_in, n_features = W_enc.shape
+    out = torch.empty(d_in, n_features, dtype=values.dtype, device=values.device)
+    counts = torch.bincount(feature, minlength=n_features)
+    starts = torch.cumsum(counts, 0) - counts
+    bounds = torch.cat([starts[::FEATURES_PER_CHUNK], counts.sum().reshape(1)]).tolist()
+    for chunk, first in enumerate(range(0, n_features, FEATURES_PER_CHUNK)):
+        last = min(first + FEATURES_PER_CHUNK, n_features)
+        begin, end = bounds[chunk], bounds[chunk + 1]
+        rows = F.embedding_bag(
+            token[begin:end], centered, starts[first:last] - begin, mode="sum", per_sample_weights=values[begin:end]
+        )
+        out[:, first:last] = rows.t()
+    return out
 
 
 def _dense_backward(grad: Tensor, centered: Tensor, W_enc: Tensor, needs: tuple):

@@ -230,6 +230,20 @@ def site_module(hf: HFModel, layer: int, site: str) -> tuple[str, Any]:
     )
 
 
+def transformer_lens_hook(causal: bool, layer: int, site: str) -> str:
+    """The TransformerLens name of a site (what SAELens cfgs call ``hook_name``).
+
+    Causal LMs (HookedTransformer, pre-LN): ``blocks.{L-1}.hook_resid_post`` / ``hook_attn_out`` /
+    ``hook_mlp_out``, layer 0 ``blocks.0.hook_resid_pre``. Encoders (HookedEncoder, post-LN BERT):
+    the residual after block L is ``blocks.{L-1}.hook_normalized_resid_post``, layer 0 ``hook_full_embed``.
+    """
+    if site != "resid_post":
+        return f"blocks.{layer - 1}.hook_{site}"
+    if causal:
+        return "blocks.0.hook_resid_pre" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
+    return "hook_full_embed" if layer == 0 else f"blocks.{layer - 1}.hook_normalized_resid_post"
+
+
 def hook_name(hf: HFModel, layer: int, site: str) -> str:
     """The module (and side) the site hooks, e.g. 'transformer.h.2 (output)'."""
     if site == "resid_post":
@@ -796,6 +810,7 @@ def hf_activations(
         layer=layer,
         site=site,
         hook=hook_name(hf, layer, site),
+        hook_name=transformer_lens_hook(hf.causal, layer, site),
         max_length=max_length,
         keep_special_tokens=bool(keep_special_tokens),
         special_prefix=prefix,

@@ -153,18 +153,13 @@ def _row_text(metadata: dict) -> Optional[RowText]:
 # the report
 
 
-def _open(run: Union[str, Path]) -> tuple[Any, Any, dict]:
-    import json
-
+def _open(run: Union[str, Path]) -> tuple[Any, Any]:
     from .data import load_activations
-    from .downstream import open_run
+    from .downstream import open_run, run_config
 
     sae, source = open_run(run)
-    run = Path(run)
-    directory = run / "checkpoint" if (run / "checkpoint").is_dir() else run
-    cfg = json.loads((directory / "cfg.json").read_text())
     if source is None:
-        train = cfg.get("train", {})
+        train = run_config(run).get("train", {})
         data = train.get("data", "synthetic")
         if data == "<array>":
             raise AllocationError(f"the run {str(run)!r} trained on an in-memory array; pass source= to inspect it")
@@ -174,7 +169,7 @@ def _open(run: Union[str, Path]) -> tuple[Any, Any, dict]:
                 "with the run's data options to extract it again"
             )
         source = load_activations(data, **train.get("data_options", {}))
-    return sae, source, cfg
+    return sae, source
 
 
 def inspect_features(
@@ -201,7 +196,7 @@ def inspect_features(
             raise AllocationError(f"{name} must be a {'positive' if name == 'top' else 'non-negative'} integer")
     title = "SAE"
     if run is not None:
-        sae, opened, _ = _open(run)
+        sae, opened = _open(run)
         source = source if source is not None else opened
         title = str(run)
     if sae is None or source is None:

@@ -258,3 +258,15 @@ def minilm_activations(
         corpus_name=CORPUS_NAME,
         cache_prefix="minilm-L6-v2",
     )
+
+
+def hook_name(layer: int) -> str:
+    """The TransformerLens hook (BERT, ``HookedEncoder``) of the hidden state after block ``layer``.
+
+    HF's ``hidden_states[layer]`` is block ``layer - 1``'s output after its final LayerNorm, i.e.
+    ``blocks.{layer-1}.hook_normalized_resid_post``; layer 0 is the embeddings, ``hook_full_embed``.
+    The sidecar of every extraction records it (:func:`allocation.sae.hf.transformer_lens_hook`).
+    """
+    from .hf import transformer_lens_hook
+
+    return transformer_lens_hook(False, int(layer), "resid_post")
