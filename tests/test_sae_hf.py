@@ -219,6 +219,8 @@ def test_bad_inputs_are_clear_errors(tiny, tmp_path):
         load_activations("hf", **dict(base, layer=0, site="attn_out"))
     with pytest.raises(AllocationError, match="site must be one of resid_post, attn_out, mlp_out"):
         load_activations("hf", **dict(base, site="resid_pre"))
+    with pytest.raises(AllocationError, match=r"options \['modle'\] do not apply to the hf source; allowed: \['model'"):
+        load_activations("hf", modle=tiny["gpt2"], text=tiny["corpus"])
     with pytest.raises(AllocationError, match="needs model=PATH"):
         load_activations("hf", text=tiny["corpus"])
     with pytest.raises(AllocationError, match="needs text=FILE_OR_DIR"):
@@ -251,3 +253,24 @@ def test_bad_inputs_are_clear_errors(tiny, tmp_path):
     with pytest.raises(AllocationError, match="dtype must be one of"):
         load_activations("hf", **dict(base, dtype="int8"))
     assert not cache.exists() or not any(cache.iterdir())  # no failed run left a cache file behind
+
+
+def test_streaming_buffers_give_the_same_rows(tiny, tmp_path):
+    """Extraction in buffers of 3 windows and batches of 2 writes exactly the rows of one big buffer."""
+    import numpy as np
+
+    from allocation.sae import hf
+
+    source = load_activations(
+        "hf", model=tiny["gpt2"], layer=2, text=tiny["corpus"], n_tokens=150, max_length=10, cache_dir=tmp_path
+    )
+    model = hf.load_hf_model(tiny["gpt2"])
+    prefix, suffix = hf.special_tokens(model.tokenizer)
+    windows = hf.iter_windows(
+        hf.iter_documents(hf.check_corpus(tiny["corpus"])), model.tokenizer, 150, 10, False, prefix, suffix
+    )
+    out = np.zeros((150, 32), dtype=np.float32)
+    tokens = np.zeros((150, 2), dtype=np.int32)
+    assert hf.extract(model, 2, "resid_post", windows, out, tokens, batch_size=2, buffer_windows=3) == 150
+    np.testing.assert_allclose(out, np.asarray(source.array), atol=1e-5)
+    np.testing.assert_array_equal(tokens, hf.read_tokens(source.metadata["cache_path"]))

@@ -195,6 +195,7 @@ def load_activations(spec: Spec, **kwargs: Any) -> ActivationSource:
     if isinstance(spec, str) and spec == "hf":
         from .hf import hf_activations
 
+        _reject_unknown(kwargs, keyword_names(hf_activations), "the hf source")
         return hf_activations(**kwargs)
     if isinstance(spec, (np.ndarray, Tensor)):
         _reject_unknown(kwargs, ("heldout_fraction",), "an in-memory array")

@@ -771,7 +771,7 @@ def hf_activations(
     try:
         out = np.memmap(temporary, dtype=np.dtype(dtype), mode="w+", shape=(n_tokens, hf.d_model))
         tokens_out = np.memmap(temporary_tokens, dtype=np.int32, mode="w+", shape=(n_tokens, 2))
-        documents = iter_documents(corpus, text_field)
+        documents = _Counter(iter_documents(corpus, text_field))
         windows = iter_windows(documents, hf.tokenizer, n_tokens, max_length, keep_special_tokens, prefix, suffix)
         counter = _Counter(windows)
         written = extract(
@@ -824,6 +824,8 @@ def hf_activations(
         cache_path=str(path),
         tokens_file=tokens_path(path).name,
         n_windows=counter.count,
+        corpus_documents=len(corpus) if isinstance(corpus, list) else None,
+        documents_read=documents.count,
         python=platform.python_version(),
         torch=torch.__version__,
         transformers=transformers.__version__,
