@@ -80,9 +80,10 @@ def test_training_gradients_with_aux_loss_match_the_dense_backward(rule):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("with_aux", [False, True], ids=["main-loss", "main-and-aux_k"])
 @pytest.mark.parametrize("rule", [TopK(4), FeatureChoice(k=4), MutualChoice(4)], ids=lambda r: r.name)
-def test_main_loss_alone_reaches_the_encoder_as_a_sparse_gradient(rule, monkeypatch):
-    """Without aux loss only the code's kept entries carry gradient: it arrives sparse, no (n, F) scan."""
+def test_kept_entries_reach_the_encoder_as_a_sparse_gradient(rule, with_aux, monkeypatch):
+    """Only kept entries (the code's, aux_k's) carry gradient: it arrives sparse, no (n, F) scan."""
     layouts = []
     original = encoder_module._Affinities.backward
 
@@ -96,7 +97,12 @@ def test_main_loss_alone_reaches_the_encoder_as_a_sparse_gradient(rule, monkeypa
     for sparse_backward in (True, False):
         sae = SparseAutoencoder(16, 256, rule, seed=0, decode="sparse").double()
         sae.sparse_backward = sparse_backward
-        normalized_mse(x, sae(x).x_hat).backward()
+        out = sae(x)
+        loss = normalized_mse(x, out.x_hat)
+        if with_aux:
+            dead = torch.arange(256) % 3 == 0
+            loss = loss + aux_k_loss(out.pre, x - out.x_hat, sae.W_dec, dead, k_aux=8)
+        loss.backward()
         grads.append({name: p.grad.clone() for name, p in sae.named_parameters()})
     assert layouts == [torch.sparse_coo]
     for name in grads[0]:
