@@ -35,10 +35,14 @@ class _Affinities(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         centered, W_enc = ctx.saved_tensors
         need_x, need_b_dec, need_W_enc, need_b_enc = ctx.needs_input_grad
-        token, feature = grad.nonzero(as_tuple=True)  # row-major: grouped by token
-        if token.numel() > DENSE_FRACTION * grad.numel():
-            return _dense_backward(grad, centered, W_enc, ctx.needs_input_grad)
-        values = grad[token, feature]
+        if grad.is_sparse:  # only kept entries reached pre (gather_kept): their indices come with them
+            grad = grad.coalesce()
+            (token, feature), values = grad.indices(), grad.values()  # row-major: grouped by token
+        else:
+            token, feature = grad.nonzero(as_tuple=True)  # row-major: grouped by token
+            if token.numel() > DENSE_FRACTION * grad.numel():
+                return _dense_backward(grad, centered, W_enc, ctx.needs_input_grad)
+            values = grad[token, feature]
         per_feature = torch.zeros(grad.shape[1], dtype=grad.dtype, device=grad.device)
         per_feature.index_add_(0, feature, values)
         grad_x = grad_b_dec = grad_W_enc = None
@@ -88,6 +92,8 @@ def _feature_gradient(feature: Tensor, token: Tensor, values: Tensor, centered: 
 
 def _dense_backward(grad: Tensor, centered: Tensor, W_enc: Tensor, needs: tuple):
     """The ordinary backward of (x - b_dec) @ W_enc + b_enc."""
+    if grad.is_sparse:
+        grad = grad.to_dense()
     need_x, need_b_dec, need_W_enc, need_b_enc = needs
     grad_centered = grad @ W_enc.t() if (need_x or need_b_dec) else None
     return (
@@ -96,6 +102,33 @@ def _dense_backward(grad: Tensor, centered: Tensor, W_enc: Tensor, needs: tuple)
         centered.t() @ grad if need_W_enc else None,
         grad.sum(0) if need_b_enc else None,
     )
+
+
+class _GatherKept(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores: Tensor, token: Tensor, feature: Tensor) -> Tensor:
+        ctx.save_for_backward(token, feature)
+        ctx.shape = scores.shape
+        return scores[token, feature]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        token, feature = ctx.saved_tensors
+        indices = torch.stack([token, feature])
+        sparse = torch.sparse_coo_tensor(indices, grad, ctx.shape, check_invariants=False, is_coalesced=True)
+        return sparse, None, None
+
+
+def gather_kept(scores: Tensor, token: Tensor, feature: Tensor) -> Tensor:
+    """scores[token, feature] (nnz,); when ``scores`` comes from ``affinities``, its gradient is sparse.
+
+    (token, feature) must be distinct and sorted row-major, as ``mask.nonzero()`` gives them. The
+    encoder's backward then reads the kept entries from the sparse gradient directly: no dense
+    (n, F) gradient is allocated and scanned.
+    """
+    if not (torch.is_grad_enabled() and type(scores.grad_fn) is _Affinities._backward_cls):
+        return scores[token, feature]  # other ops (e.g. torch.where) expect a dense gradient
+    return _GatherKept.apply(scores, token, feature)
 
 
 def affinities(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, *, sparse_backward: bool = True) -> Tensor:
