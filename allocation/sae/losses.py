@@ -27,8 +27,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..constraints import Constraints
 from ..errors import AllocationError
-from ..rules import feature_choice, topk
+from ..rules import allocate_unchecked
 from .sparse import decode_mask
 
 ALPHA_AUX = 1.0 / 32.0
@@ -87,7 +88,7 @@ def aux_k_selection(pre: Tensor, dead: Tensor, k_aux: int) -> Tuple[Tensor, floa
     scores = torch.where(
         dead.to(pre.device)[None, :], pre.detach(), torch.zeros((), dtype=pre.dtype, device=pre.device)
     )
-    return topk(scores, min(k_aux, n_dead)), min(n_dead / k_aux, 1.0)
+    return allocate_unchecked(scores, Constraints(per_token=min(k_aux, n_dead))), min(n_dead / k_aux, 1.0)
 
 
 def aux_k_loss(
@@ -189,7 +190,8 @@ def aux_zipf_selection(
     capacities = proportional_capacities(deficit, min(k_aux, n_candidates) * n_tokens, n_tokens)
     free = ~active & candidates.to(pre.device)[None, :]
     scores = torch.where(free, pre.detach(), torch.zeros((), dtype=pre.dtype, device=pre.device))
-    return feature_choice(scores, capacities.cpu()), min(n_candidates / k_aux, 1.0)
+    # scores: pre (checked finite by the SAE) or 0, so the unchecked call (no second pass over (n, F))
+    return allocate_unchecked(scores, Constraints(per_feature=capacities.cpu())), min(n_candidates / k_aux, 1.0)
 
 
 def aux_zipf_loss(

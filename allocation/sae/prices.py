@@ -9,6 +9,8 @@ The passes over the (n, F) matrix run in row chunks.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -35,8 +37,14 @@ def budget_price(pre: Tensor, mask: Tensor, kept_values: Tensor, budget: int) ->
     return (kept_values.min() + largest_dropped_per_column(pre, mask).max().clamp_min(0)) / 2
 
 
-def feature_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values: Tensor, capacity) -> Tensor:
-    """(F,) prices of per-feature caps ``capacity`` (int or (F,)): midpoints, 0 where a cap is slack."""
+def feature_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values: Tensor, capacity,
+                   budget: Optional[int] = None) -> Tensor:
+    """(F,) prices of per-feature caps ``capacity`` (int or (F,)): midpoints, 0 where a cap is slack.
+
+    With a ``budget`` that the mask uses up, every column is priced (its cap or the budget binds); a
+    column that kept nothing then gets the smallest kept score overall, which is above each of its
+    entries (none beat the budget's price).
+    """
     n_features = pre.shape[1]
     if isinstance(capacity, Tensor):
         capacity = capacity.to(pre.device)
@@ -46,6 +54,9 @@ def feature_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values
     )
     price = (smallest_kept + largest_dropped_per_column(pre, mask).clamp_min(0)) / 2
     tight = (kept >= capacity) & (kept > 0)
+    if budget is not None and kept_values.numel() >= budget > 0:
+        price = torch.where(kept > 0, price, kept_values.min())
+        tight = torch.ones_like(tight)
     return torch.where(tight, price, torch.zeros_like(price))
 
 
