@@ -8,7 +8,7 @@ from hypothesis import given, settings
 
 from allocation import AllocationError, Constraints, SolverError, solve
 from allocation.exact import solve as exact_solve_module  # noqa: F401  (the package path is public)
-from allocation.exact.solve import _round
+from allocation.exact.lp_solve import _round
 
 COUNTEREXAMPLE = np.array([[10.0, 9.0], [9.0, 0.0]])
 

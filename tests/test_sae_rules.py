@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_sae_train import tiny_config
+from test_sae_train import small_config, tiny_config
 
 import allocation
 from allocation import Constraints
@@ -49,22 +49,24 @@ SAE_PACKAGE = Path(allocation.__file__).parent / "sae"
 # ------------------------------------------------------------------------------ an external rule
 
 
-@dataclass(frozen=True)
-class CappedBatchTopK(Rule):
-    """BatchTopK with at most 2k features per token: max <S,M> s.t. M 1 <= 2k, 1^T M 1 <= k n."""
+def readme_rule_example() -> str:
+    """The README's "Add your own rule" block, up to the training run (the test runs its own, shorter)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("### Add your own rule", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    return block.split("\nconfig = ", 1)[0]
 
-    k: int
-    name: ClassVar[str] = "capped-batch-topk"
 
-    def constraints(self, n_tokens: int, n_features: int) -> Constraints:
-        return Constraints(per_token=2 * self.k, total=self.k * n_tokens)
+def _define_readme_rule():
+    namespace: dict = {}
+    exec(compile(readme_rule_example(), "README.md", "exec"), namespace)  # registers the rule
+    return namespace["CappedBatchTopK"]
 
 
 @pytest.fixture
 def capped_rule():
-    register_rule(CappedBatchTopK)
-    yield CappedBatchTopK
-    unregister_rule(CappedBatchTopK.name)
+    rule = _define_readme_rule()
+    yield rule
+    unregister_rule(rule.name)
 
 
 def _state(trainer):
@@ -72,7 +74,9 @@ def _state(trainer):
 
 
 def test_a_rule_registered_from_outside_trains_saves_resumes_and_exports(tmp_path, capped_rule):
-    """10 steps: 5, checkpoint, resume in a new Trainer, 5 more == 10 straight; then the SAELens export."""
+    """The README's rule, 10 steps: 5, checkpoint, resume in a new Trainer, 5 more == 10 straight; then
+    the SAELens export."""
+    CappedBatchTopK = capped_rule
     config = tiny_config(rule="capped-batch-topk", tokens=64 * 10, metrics_every=5, eval_batches=1)
     assert "capped-batch-topk" in rule_names()
     straight = Trainer(config, "synthetic")
@@ -97,6 +101,7 @@ def test_a_rule_registered_from_outside_trains_saves_resumes_and_exports(tmp_pat
 
 
 def test_an_unregistered_rule_in_a_checkpoint_names_the_fix(tmp_path, capped_rule):
+    CappedBatchTopK = capped_rule
     save_sae(SparseAutoencoder(8, 16, CappedBatchTopK(2)), tmp_path / "sae")
     unregister_rule(CappedBatchTopK.name)
     with pytest.raises(CheckpointError, match="capped-batch-topk.*register_rule"):
@@ -166,12 +171,18 @@ def test_zipf_capacities_sum_to_the_budget_and_follow_j_to_the_minus_s():
         FeatureChoice(m=3, zipf_capacities=1.0)
 
 
-def test_zipf_feature_choice_trains_from_train_config():
-    config = tiny_config(rule="feature-choice", zipf_capacities=1.0, tokens=64 * 6)
+def test_zipf_feature_choice_trains_and_its_eval_l0_matches_the_budget():
+    """Regression: a zero capacity (Zipf tail m_j = 0) was priced 0, so at eval such a feature fired on
+    every positive score (eval L0 46 against a budget of 8 on synthetic data); now it is priced at its
+    largest score and eval L0 is within 10% of k."""
+    config = small_config("feature-choice", zipf_capacities=1.0, n_features=512, batch_size=128, tokens=128 * 150)
     trainer = Trainer(config, "synthetic")
-    assert trainer.sae.rule == FeatureChoice(k=3, zipf_capacities=1.0)
-    trainer.run()
-    assert 2.0 < trainer.history[-1]["l0"]["mean"] <= 3.0  # at most the budget k n (a column can run short)
+    assert trainer.sae.rule == FeatureChoice(k=4, zipf_capacities=1.0)
+    assert int((trainer.sae.rule.capacity(128, 512) == 0).sum()) > 100  # the tail has closed features
+    summary = trainer.run()
+    assert summary["train_l0"]["mean"] <= 4.0
+    assert abs(summary["eval_train_split_l0"]["mean"] - 4.0) <= 0.4
+    assert abs(summary["eval_l0"]["mean"] - 4.0) <= 0.4
 
 
 # ------------------------------------------------------------------------------ mixed caps (Custom)
@@ -292,7 +303,7 @@ def test_the_finite_check_runs_once_per_step_over_the_affinities(monkeypatch):
 
 
 def test_rule_options_reach_registered_rules_through_train_config(capped_rule):
-    assert TrainConfig(rule="capped-batch-topk", k=3, n_features=48).make_rule() == CappedBatchTopK(3)
+    assert TrainConfig(rule="capped-batch-topk", k=3, n_features=48).make_rule() == capped_rule(3)
     with pytest.raises(AllocationError, match="does not take per_token"):
         TrainConfig(rule="topk", per_token=3)
     with pytest.raises(AllocationError, match="does not take zipf_capacities"):
