@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from allocation_strategies import assert_feasible, problems, tolerance
+from allocation_checks import assert_feasible, problems, tolerance
 from hypothesis import given, settings
 
 from allocation import AllocationError, Constraints, SolverError, solve
