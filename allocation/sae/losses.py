@@ -30,6 +30,7 @@ from torch import Tensor
 from ..constraints import Constraints
 from ..errors import AllocationError
 from ..rules import allocate_unchecked
+from ..zipf import water_fill
 from .sparse import decode_mask
 
 ALPHA_AUX = 1.0 / 32.0
@@ -135,21 +136,7 @@ def zipf_targets(usage: Tensor, budget: float, s: float = 1.0, cap: Optional[flo
     group_mean = torch.zeros(counts.numel(), dtype=torch.float64, device=usage.device)
     group_mean.index_add_(0, group, weights)
     weights = (group_mean / counts)[group]  # non-increasing along the rank order
-    if cap is not None and budget >= cap * n_features:
-        sorted_targets = torch.full_like(weights, float(cap))
-    else:
-        # c_j = (budget - j cap) / sum_{r > j} w_r when the j first ranks sit at the cap
-        capped = torch.arange(n_features, dtype=torch.float64, device=usage.device)
-        suffix = weights.flip(0).cumsum(0).flip(0)
-        scale = (budget - capped * (cap if cap is not None else 0.0)) / suffix
-        if cap is None:
-            j = 0
-        else:
-            fits = scale * weights <= cap * (1 + 1e-12)
-            j = int(torch.nonzero(fits)[0]) if bool(fits.any()) else n_features - 1
-        sorted_targets = scale[j] * weights
-        if cap is not None:
-            sorted_targets[:j] = cap
+    sorted_targets = water_fill(weights, budget, cap)
     targets = torch.empty_like(sorted_targets)
     targets[order] = sorted_targets
     return targets
