@@ -358,3 +358,30 @@ def test_cli_trains_resumes_and_exports_the_new_rules(tmp_path, capsys, rule_arg
     changed = rule_args[:-1] + [str(int(rule_args[-1]) + 1)]
     assert cli_main(resume + changed + ["--out", str(out), "--resume"]) == 2
     assert "the checkpoint has" in capsys.readouterr().err
+
+
+def test_rule_option_flag_reaches_a_registered_rule():
+    """--rule-option KEY=VALUE (TrainConfig.rule_options) carries a registered rule's own options."""
+    import argparse
+
+    from allocation.commands.train import add_config_arguments, given_options
+
+    @dataclass(frozen=True)
+    class Banded(Rule):
+        k: int
+        factor: int = 2
+        name: ClassVar[str] = "banded"
+
+        def constraints(self, n_tokens: int, n_features: int) -> Constraints:
+            return Constraints(per_token=self.factor * self.k, total=self.k * n_tokens)
+
+    register_rule(Banded)
+    try:
+        parser = argparse.ArgumentParser()
+        add_config_arguments(parser)
+        given = given_options(parser.parse_args(["--rule-option", "factor=3", "--k", "2"]), "banded")
+        config = TrainConfig(**given, n_features=48)
+        assert config.rule_options == {"factor": 3} and config.make_rule() == Banded(k=2, factor=3)
+        assert rule_from_dict(config.make_rule().to_dict()) == Banded(k=2, factor=3)
+    finally:
+        unregister_rule("banded")

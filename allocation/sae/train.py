@@ -724,8 +724,12 @@ class Trainer:
 
 
 def option_name(field_name: str) -> str:
-    """The ``allocation train`` flag of a TrainConfig field (data_options -> --data-option)."""
-    return "--data-option" if field_name == "data_options" else "--" + field_name.replace("_", "-")
+    """The ``allocation train`` flag of a TrainConfig field: its metadata's ``flag`` (data_options ->
+    --data-option, rule_options -> --rule-option), else --field-name."""
+    spec = {f.name: f for f in fields(TrainConfig)}.get(field_name)
+    if spec is not None and "flag" in spec.metadata:
+        return spec.metadata["flag"]
+    return "--" + field_name.replace("_", "-")
 
 
 def _apply_changes(config: TrainConfig, changes: Dict[str, Any], step: int) -> TrainConfig:
