@@ -128,13 +128,3 @@ def positive_number(value, name: str) -> float:
         raise AllocationError(f"{name} must be a positive number, got {value!r}")
     return float(value)
 
-
-def in_range(value, name: str, low: float, high: float, *, high_open: bool = False, hint: str = "") -> float:
-    """``value`` as a float in [low, high] (or [low, high)), or AllocationError naming the interval."""
-    inside = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value and (
-        value < high if high_open else value <= high
-    )
-    if not inside:
-        interval = f"[{low:g}, {high:g}{')' if high_open else ']'}"
-        raise AllocationError(f"{name} must be in {interval}{hint}, got {value}")
-    return float(value)
