@@ -110,3 +110,21 @@ def check_fits_in_memory(needed_bytes: int, what: str, fix: str) -> None:
             f"{what} needs about {needed_bytes / 2**30:.1f} GiB of memory, but only "
             f"{available / 2**30:.1f} GiB is available; {fix}"
         )
+
+
+def positive_int(value, name: str, *, allow_integral_float: bool = True) -> int:
+    """``value`` as an int >= 1 (a bool is refused; 3.0 is 3 when ``allow_integral_float``), or AllocationError."""
+    integral_float = allow_integral_float and isinstance(value, float) and value.is_integer()
+    if isinstance(value, bool) or not (isinstance(value, int) or integral_float):
+        raise AllocationError(f"{name} must be a positive integer, got {value!r}")
+    if int(value) < 1:
+        raise AllocationError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def positive_number(value, name: str) -> float:
+    """``value`` as a finite float > 0 (a bool is refused), or AllocationError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise AllocationError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+

@@ -76,6 +76,11 @@ def allocate(scores: Tensor, constraints: Constraints) -> Tensor:
     answer is checked by an LP-duality certificate (CertificateWarning + scipy if it fails).
     """
     check_scores_torch(scores)
+    return allocate_unchecked(scores, constraints)
+
+
+def allocate_unchecked(scores: Tensor, constraints: Constraints) -> Tensor:
+    """``allocate`` for scores the caller has already checked (finite floating (n, F)): no pass over S."""
     if not isinstance(constraints, Constraints):
         raise AllocationError(f"constraints must be an allocation.Constraints, got {type(constraints).__name__}")
     if not constraints.greedy_exact:  # token AND feature caps: no greedy is exact, auction + certificate

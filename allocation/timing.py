@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from . import rules
+from . import rules, zipf
 from ._selection import select_top_plain
 
 Device = Union[str, torch.device]
@@ -64,9 +64,9 @@ def naive_feature_choice(scores: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def zipf_capacities(n_tokens: int, n_features: int, k: int, exponent: float) -> torch.Tensor:
-    """m_j = floor(k n j^-s / sum_l l^-s), clipped to [1, n]: Zipf-shaped capacities summing to ~k n."""
-    weights = torch.arange(1, n_features + 1, dtype=torch.float64) ** -exponent
-    return (weights / weights.sum() * k * n_tokens).floor().long().clamp(1, n_tokens)
+    """Zipf-shaped capacities m_j ~ j^-s summing to k n (``allocation.zipf``), raised to at least 1 (every
+    feature selects: no empty columns in the timings)."""
+    return zipf.zipf_capacities(n_tokens, n_features, k * n_tokens, exponent).clamp_(min=1)
 
 
 def time_kernels(n_tokens: int, n_features: int, k: int, *, dtype: torch.dtype = torch.float32,

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from allocation_strategies import assert_feasible, problems, tolerance
+from allocation_checks import assert_feasible, problems, tolerance
 from hypothesis import given, settings
 
 from allocation import AllocationError, Constraints, SolverError, solve
 from allocation.exact import solve as exact_solve_module  # noqa: F401  (the package path is public)
-from allocation.exact.solve import _round
+from allocation.exact.lp_solve import _round
 
 COUNTEREXAMPLE = np.array([[10.0, 9.0], [9.0, 0.0]])
 

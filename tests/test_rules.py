@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from allocation_strategies import assert_feasible, problems, score_matrices, tolerance
+from allocation_checks import assert_feasible, problems, score_matrices, tolerance
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,7 +57,7 @@ def test_named_rules_reach_both_exact_backends(problem):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 @settings(max_examples=25)
-@given(problem=problems(kinds=LAMINAR, regimes=("ties",)))
+@given(problem=problems(kinds=LAMINAR, regime="integers"))
 def test_rules_exact_in_every_float_dtype(dtype, problem):
     """Small integers are exact in half precision: heavy ties, and exactly the cap is selected."""
     scores, constraints = problem

@@ -226,7 +226,8 @@ def test_batch_dual_prices_reproduce_the_training_mask(rule):
 
 
 def _price_by_definition(rule, pre: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Midpoint of the smallest kept and largest dropped (>= 0) score per slice; 0 where slack."""
+    """Midpoint of the smallest kept and largest dropped (>= 0) score per slice; 0 where slack; the
+    largest score (>= 0) of a zero-capacity column."""
     inf = torch.tensor(float("inf"), dtype=pre.dtype)
     smallest_kept = torch.where(mask, pre, inf)
     largest_dropped = torch.where(mask, -inf, pre)
@@ -238,8 +239,11 @@ def _price_by_definition(rule, pre: torch.Tensor, mask: torch.Tensor) -> torch.T
         return price.expand(pre.shape[1])
     price = (smallest_kept.amin(0) + largest_dropped.amax(0).clamp_min(0)) / 2
     kept = mask.sum(0)
-    tight = (kept >= torch.as_tensor(rule.capacity(*pre.shape))) & (kept > 0)
-    return torch.where(tight, price, torch.zeros_like(price))
+    capacity = torch.as_tensor(rule.capacity(*pre.shape)).expand(pre.shape[1])
+    tight = (kept >= capacity) & (kept > 0)
+    price = torch.where(tight, price, torch.zeros_like(price))
+    # a zero capacity is always tight: every entry is dropped, the price is the largest one (>= 0)
+    return torch.where(capacity == 0, largest_dropped.amax(0).clamp_min(0), price)
 
 
 @settings(max_examples=80)

@@ -8,7 +8,7 @@ import numpy as np
 from ..constraints import ResolvedCaps
 from ..errors import SolverError
 
-# HiGHS' presolve is pathological on the dense budget row (DESIGN.md section 4): with a budget,
+# HiGHS' presolve is pathological on the dense budget row (docs/design.md, section 4): with a budget,
 # presolve off and interior point + crossover (a vertex). Measured at 256 x 1024 with the budget:
 # defaults did not finish in 200 s, these options took 18 s.
 QUIET = {"output_flag": False}
@@ -19,7 +19,7 @@ def solve_cvxpy(scores: np.ndarray, caps: ResolvedCaps):
     """max <S, M>  s.t.  0 <= M <= [S > 0],  M 1 <= k,  M^T 1 <= m,  1^T M 1 <= B.
 
     Solved with HiGHS through cvxpy, which returns a vertex (0/1 by total unimodularity). The
-    problem is built per call: a DPP Parameter of shape (n, F) does not scale (DESIGN.md section 4).
+    problem is built per call: a DPP Parameter of shape (n, F) does not scale (docs/design.md, section 4).
     Returns (M as an (n, F) float array, (token_prices, feature_prices, budget_price)).
     """
     M = cp.Variable(scores.shape)

@@ -12,7 +12,7 @@ from .lp import LinearProgram, prices_from_duals
 def solve_linprog(lp: LinearProgram):
     """Solve max c^T x, A x <= b, 0 <= x <= 1 with HiGHS; return (x, duals of A x <= b).
 
-    Presolve is off: HiGHS' presolve is pathological on the dense budget row (DESIGN.md section 4),
+    Presolve is off: HiGHS' presolve is pathological on the dense budget row (docs/design.md, section 4),
     and the interior-point method with crossover returns a vertex, which is 0/1 here.
     """
     result = linprog(

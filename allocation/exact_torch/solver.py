@@ -21,7 +21,7 @@ from torch import Tensor
 from .._validate import check_scores_torch
 from ..constraints import Constraints
 from ..errors import AllocationError
-from ..exact.result import Allocation
+from ..exact.lp_solve import solve_lp
 from .auction import Market, settle
 from .certificate import Certificate, check_certificate
 
@@ -169,9 +169,7 @@ def _empty(values, token_caps, feature_caps, budget, scale, rtol, start) -> Mixe
 
 def _fallback(values, constraints, device, certificate, rounds, phases, start) -> MixedSolution:
     """The exact CPU answer (scipy/HiGHS) in the same shape as the torch one."""
-    from ..exact import solve
-
-    exact = solve(values.cpu().numpy(), constraints, backend="scipy")
+    exact = solve_lp(values.cpu().numpy(), constraints, backend="scipy")
     n, f = exact.mask.shape
 
     def prices(array, length):
@@ -184,14 +182,3 @@ def _fallback(values, constraints, device, certificate, rounds, phases, start) -
         prices(exact.feature_prices, f), float(exact.budget_price or 0.0), certificate, "scipy-fallback",
         rounds, phases, time.perf_counter() - start,
     )
-
-
-def solve_as_allocation(scores: np.ndarray, constraints: Constraints) -> Allocation:
-    """``solve_mixed`` on a float64 numpy matrix, as an ``allocation.Allocation`` (backend "torch")."""
-    solution = solve_mixed(torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float64)), constraints)
-    caps = constraints.resolve(*scores.shape)
-    token = solution.token_prices.cpu().numpy() if caps.per_token is not None else None
-    feature = solution.feature_prices.cpu().numpy() if caps.per_feature is not None else None
-    budget = solution.budget_price if caps.total is not None else None
-    return Allocation(solution.mask.cpu().numpy(), solution.objective, token, feature, budget, "torch",
-                      solution.seconds)

@@ -1,4 +1,4 @@
-"""Sparse autoencoders whose activation is an allocation rule: TopK, Feature Choice, Mutual Choice.
+"""Sparse autoencoders whose activation is an allocation rule: TopK, Feature Choice, Mutual Choice, Custom.
 
 from allocation.sae import SparseAutoencoder, TopK, FeatureChoice, MutualChoice, TrainConfig, Trainer
 sae = SparseAutoencoder(d_in=384, n_features=4096, rule=MutualChoice(k=32))
@@ -13,20 +13,24 @@ from .hf import hf_activations
 from .losses import aux_k_loss, aux_zipf_loss, fvu, mse_loss, normalized_mse, zipf_targets
 from .metrics import FeatureUsage, evaluate
 from .minilm import minilm_activations
-from .model import (
+from .model import SAEOutput, SparseAutoencoder, default_learning_rate, geometric_median
+from .rules import (
+    Custom,
     FeatureChoice,
     MutualChoice,
-    SAEOutput,
-    SparseAutoencoder,
+    Rule,
     TopK,
-    default_learning_rate,
-    geometric_median,
     make_rule,
+    register_rule,
+    rule_from_dict,
+    rule_names,
+    unregister_rule,
 )
 from .rundir import RunDirectoryError
 from .saelens import export_saelens
 from .sparse import SparseCode, decode_dense, decode_sparse
 from .synthetic import SyntheticSource, feature_recovery
+from .thresholds import ThresholdEstimator
 from .train import (
     StepResult,
     TrainConfig,
@@ -40,15 +44,18 @@ __all__ = [
     "ActivationSource",
     "ArraySource",
     "CheckpointError",
+    "Custom",
     "FeatureChoice",
     "FeatureUsage",
     "MutualChoice",
+    "Rule",
     "RunDirectoryError",
     "SAEOutput",
     "SparseAutoencoder",
     "SparseCode",
     "StepResult",
     "SyntheticSource",
+    "ThresholdEstimator",
     "TopK",
     "TrainConfig",
     "Trainer",
@@ -76,7 +83,11 @@ __all__ = [
     "minilm_activations",
     "mse_loss",
     "normalized_mse",
+    "register_rule",
+    "rule_from_dict",
+    "rule_names",
     "save_sae",
     "train",
+    "unregister_rule",
     "zipf_targets",
 ]

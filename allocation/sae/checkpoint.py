@@ -32,7 +32,8 @@ from .atomic import resolve_published, write_directory
 from .model import SparseAutoencoder
 
 PathLike = Union[str, os.PathLike]
-FORMAT = "allocation-sae-checkpoint/2"
+FORMAT = "allocation-sae-checkpoint/3"  # the threshold buffers live under 'thresholds.' in sae.safetensors
+READABLE_FORMATS = (FORMAT, "allocation-sae-checkpoint/2")  # /2: buffers named threshold_sum, ... (renamed on load)
 LEGACY_FORMAT = "allocation-sae-checkpoint/1"  # sha256 of the tensors only, inside trainer.json
 CFG_FILE, SAE_FILE, STATE_FILE, STATE_JSON, MANIFEST = (
     "cfg.json",
@@ -122,6 +123,12 @@ class _Reader:
         manifest_path = directory / MANIFEST
         if manifest_path.exists():
             manifest = _read_json(manifest_path)
+            if manifest.get("format") not in READABLE_FORMATS:
+                raise CheckpointError(
+                    f"{str(directory)!r} is a checkpoint of format {manifest.get('format')!r}, which this "
+                    f"version of allocation cannot read (it reads {', '.join(READABLE_FORMATS + (LEGACY_FORMAT,))}); "
+                    "load it with the version that wrote it, or start a fresh run"
+                )
             hashes = manifest.get("sha256")
             if not isinstance(hashes, dict) or any(name not in hashes for name in required):
                 raise CheckpointError(
@@ -162,6 +169,16 @@ class _Reader:
 
     def tensors(self, name: str) -> Dict[str, Tensor]:
         return _parse_tensors(self.directory / name, self.read(name))
+
+
+def with_prefix(tensors: Dict[str, Tensor], prefix: str) -> Dict[str, Tensor]:
+    """The tensors named ``prefix + name``, as {name: tensor} (one group of a trainer state)."""
+    return {name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)}
+
+
+def prefixed(prefix: str, tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Inverse of ``with_prefix``: {prefix + name: tensor}."""
+    return {prefix + name: value for name, value in tensors.items()}
 
 
 # ------------------------------------------------------------------------------------ the SAE

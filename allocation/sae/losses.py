@@ -27,8 +27,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..constraints import Constraints
 from ..errors import AllocationError
-from ..rules import feature_choice, topk
+from ..rules import allocate_unchecked
+from ..zipf import water_fill
 from .sparse import decode_mask
 
 ALPHA_AUX = 1.0 / 32.0
@@ -87,7 +89,7 @@ def aux_k_selection(pre: Tensor, dead: Tensor, k_aux: int) -> Tuple[Tensor, floa
     scores = torch.where(
         dead.to(pre.device)[None, :], pre.detach(), torch.zeros((), dtype=pre.dtype, device=pre.device)
     )
-    return topk(scores, min(k_aux, n_dead)), min(n_dead / k_aux, 1.0)
+    return allocate_unchecked(scores, Constraints(per_token=min(k_aux, n_dead))), min(n_dead / k_aux, 1.0)
 
 
 def aux_k_loss(
@@ -134,21 +136,7 @@ def zipf_targets(usage: Tensor, budget: float, s: float = 1.0, cap: Optional[flo
     group_mean = torch.zeros(counts.numel(), dtype=torch.float64, device=usage.device)
     group_mean.index_add_(0, group, weights)
     weights = (group_mean / counts)[group]  # non-increasing along the rank order
-    if cap is not None and budget >= cap * n_features:
-        sorted_targets = torch.full_like(weights, float(cap))
-    else:
-        # c_j = (budget - j cap) / sum_{r > j} w_r when the j first ranks sit at the cap
-        capped = torch.arange(n_features, dtype=torch.float64, device=usage.device)
-        suffix = weights.flip(0).cumsum(0).flip(0)
-        scale = (budget - capped * (cap if cap is not None else 0.0)) / suffix
-        if cap is None:
-            j = 0
-        else:
-            fits = scale * weights <= cap * (1 + 1e-12)
-            j = int(torch.nonzero(fits)[0]) if bool(fits.any()) else n_features - 1
-        sorted_targets = scale[j] * weights
-        if cap is not None:
-            sorted_targets[:j] = cap
+    sorted_targets = water_fill(weights, budget, cap)
     targets = torch.empty_like(sorted_targets)
     targets[order] = sorted_targets
     return targets
@@ -189,7 +177,8 @@ def aux_zipf_selection(
     capacities = proportional_capacities(deficit, min(k_aux, n_candidates) * n_tokens, n_tokens)
     free = ~active & candidates.to(pre.device)[None, :]
     scores = torch.where(free, pre.detach(), torch.zeros((), dtype=pre.dtype, device=pre.device))
-    return feature_choice(scores, capacities.cpu()), min(n_candidates / k_aux, 1.0)
+    # scores: pre (checked finite by the SAE) or 0, so the unchecked call (no second pass over (n, F))
+    return allocate_unchecked(scores, Constraints(per_feature=capacities.cpu())), min(n_candidates / k_aux, 1.0)
 
 
 def aux_zipf_loss(

@@ -9,6 +9,8 @@ The passes over the (n, F) matrix run in row chunks.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -35,8 +37,18 @@ def budget_price(pre: Tensor, mask: Tensor, kept_values: Tensor, budget: int) ->
     return (kept_values.min() + largest_dropped_per_column(pre, mask).max().clamp_min(0)) / 2
 
 
-def feature_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values: Tensor, capacity) -> Tensor:
-    """(F,) prices of per-feature caps ``capacity`` (int or (F,)): midpoints, 0 where a cap is slack."""
+def feature_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values: Tensor, capacity,
+                   budget: Optional[int] = None) -> Tensor:
+    """(F,) prices of per-feature caps ``capacity`` (int or (F,)): midpoints, 0 where a cap is slack.
+
+    A zero capacity is always tight: its column keeps nothing and is priced at its largest score
+    (clipped at 0), so that eval-mode ``pre > price`` keeps nothing of it either (it was priced 0 before
+    issue 12, which let a Zipf tail feature with m_j = 0 fire on every positive score at eval).
+
+    With a ``budget`` that the mask uses up, every column is priced (its cap or the budget binds); a
+    column that kept nothing then gets the smallest kept score overall, which is above each of its
+    entries (none beat the budget's price).
+    """
     n_features = pre.shape[1]
     if isinstance(capacity, Tensor):
         capacity = capacity.to(pre.device)
@@ -44,8 +56,16 @@ def feature_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values
     smallest_kept = pre.new_full((n_features,), float("inf")).scatter_reduce_(
         0, feature_index, kept_values, "amin"
     )
-    price = (smallest_kept + largest_dropped_per_column(pre, mask).clamp_min(0)) / 2
+    largest_dropped = largest_dropped_per_column(pre, mask).clamp_min(0)
+    price = (smallest_kept + largest_dropped) / 2
     tight = (kept >= capacity) & (kept > 0)
+    if budget is not None and kept_values.numel() >= budget > 0:
+        price = torch.where(kept > 0, price, kept_values.min())
+        tight = torch.ones_like(tight)
+    closed = torch.as_tensor(capacity, device=pre.device) == 0
+    if bool(closed.any()):  # a zero capacity is always tight: its price is its largest (dropped) score
+        price = torch.where(closed, largest_dropped, price)
+        tight = tight | closed
     return torch.where(tight, price, torch.zeros_like(price))
 
 

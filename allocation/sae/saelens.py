@@ -2,11 +2,17 @@
 
 ``SAE.load_from_disk(DIR)`` of SAELens 6 (checked against 6.54.12) reads it as
 
-- TopK: ``TopKSAE`` (``architecture: "topk"``, ``k``): top-k of the affinities, then ReLU, which is
-  this SAE's TopK code (the k largest positive affinities);
-- Feature Choice / Mutual Choice: ``JumpReLUSAE`` (``architecture: "jumprelu"``) with this SAE's
-  eval-mode thresholds (one per feature; Mutual Choice's single threshold repeated), whose encode
-  relu(pre) * (pre > threshold) is this SAE's eval-mode (batch-independent) code.
+- a rule with one per-token cap and nothing else (TopK): ``TopKSAE`` (``architecture: "topk"``,
+  ``k``): top-k of the affinities, then ReLU, which is this SAE's code (the k largest positive
+  affinities);
+- a batch rule (Feature Choice, Mutual Choice, Custom, ...): ``JumpReLUSAE`` (``architecture:
+  "jumprelu"``) with this SAE's eval-mode thresholds (one per feature; a budget's single price
+  repeated), whose encode relu(pre) * (pre > threshold) is this SAE's eval-mode code. With per-token
+  caps as well (mixed caps), this SAE's eval also keeps at most the cap per token (the largest
+  pre - threshold); SAELens' JumpReLU has no such cap, so the cfg's metadata records it as
+  ``allocation_per_token_cap`` and the exported code can keep more per token.
+
+Which case applies is read from the rule's constraints, not its class (``export_architecture``).
 
 Both apply b_dec to the input, as this SAE does: pre = (x - b_dec) @ W_enc + b_enc.
 
@@ -24,9 +30,10 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ..errors import AllocationError
 from .atomic import write_directory
 from .checkpoint import json_bytes, tensor_bytes
-from .model import SparseAutoencoder, TopK
+from .model import SparseAutoencoder
 
 PathLike = Union[str, os.PathLike]
 SAELENS_VERSION = "6.54.12"  # the SAELens release whose loader and config classes this format follows
@@ -35,13 +42,14 @@ CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 
 
 def saelens_config(sae: SparseAutoencoder, **metadata: Any) -> dict:
-    """cfg.json for SAELens 6: TopK as 'topk'; Feature Choice / Mutual Choice as 'jumprelu' thresholds.
+    """cfg.json for SAELens 6: TopK as 'topk'; batch rules as 'jumprelu' thresholds.
 
     ``metadata`` (model_name, hook_name, dataset_path, context_size, ...) goes to the cfg's
     ``metadata`` section; entries that are None are left out, except that ``hook_name`` defaults to
     ``PLACEHOLDER_HOOK_NAME``.
     """
     rule = sae.rule
+    architecture, k = export_architecture(sae)
     meta = {key: value for key, value in metadata.items() if value is not None}
     meta.setdefault("hook_name", PLACEHOLDER_HOOK_NAME)
     meta.setdefault("hook_head_index", None)
@@ -60,17 +68,33 @@ def saelens_config(sae: SparseAutoencoder, **metadata: Any) -> dict:
         "reshape_activations": "none",
         "metadata": meta,
     }
-    if isinstance(rule, TopK):
-        cfg.update(architecture="topk", k=rule.k, rescale_acts_by_decoder_norm=False)
+    if architecture == "topk":
+        cfg.update(architecture="topk", k=k, rescale_acts_by_decoder_norm=False)
     else:
         cfg.update(architecture="jumprelu")
+        if k is not None:
+            meta["allocation_per_token_cap"] = k
     return cfg
 
 
+def export_architecture(sae: SparseAutoencoder) -> tuple:
+    """('topk', k) for a lone uniform per-token cap; ('jumprelu', per-token cap or None) otherwise."""
+    per_token = sae.constraints(1).per_token
+    k = per_token if isinstance(per_token, int) else None
+    if sae.pricing == "none" and k is not None:
+        return "topk", k
+    if sae.pricing == "none":
+        raise AllocationError(
+            f"rule {sae.rule.name!r} has per-token caps that differ between tokens and no batch prices: "
+            "SAELens 6 has no architecture for it"
+        )
+    return "jumprelu", k
+
+
 def saelens_weights(sae: SparseAutoencoder) -> dict:
-    """W_enc, b_enc, W_dec, b_dec (float32) and, for Feature / Mutual Choice, the eval thresholds."""
+    """W_enc, b_enc, W_dec, b_dec (float32) and, for batch rules ('jumprelu'), the eval thresholds."""
     weights = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    if not isinstance(sae.rule, TopK):
+    if export_architecture(sae)[0] == "jumprelu":
         weights["threshold"] = sae.threshold.clamp_min(0)
     return {name: value.detach().float() for name, value in weights.items()}
 

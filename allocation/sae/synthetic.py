@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import AllocationError
+from ..zipf import water_fill, zipf_weights
 from .data import ActivationSource, check_batch_args, check_positive_int, tensor_to_numpy
 
 _FEATURE_STREAM = 0
@@ -130,26 +131,15 @@ class SyntheticSource(ActivationSource):
 def zipf_frequencies(
     n_features: int, mean_active: float, exponent: float, max_frequency: float
 ) -> np.ndarray:
-    """Zipf frequencies: p_r = min(max_frequency, c / r^s) for ranks r = 1..n, with sum p = mean_active."""
+    """Zipf frequencies: p_r = min(max_frequency, c / r^s) for ranks r = 1..n, with sum p = mean_active
+    (``allocation.zipf.water_fill``)."""
     check_positive_int(n_features, "n_features")
     if not 0 < mean_active < max_frequency * n_features:
         raise AllocationError(
             f"mean_active must lie in (0, max_frequency * n_features) = (0, {max_frequency * n_features:g}), "
             f"got {mean_active}"
         )
-    shape = 1.0 / np.arange(1, n_features + 1, dtype=np.float64) ** exponent
-    low, high = 0.0, mean_active / shape.min()  # total(high) = sum min(cap, ...) >= mean_active
-
-    def total(scale: float) -> float:
-        return float(np.minimum(max_frequency, scale * shape).sum())
-
-    for _ in range(200):  # bisection on a monotone, continuous total: converges to machine precision
-        middle = 0.5 * (low + high)
-        if total(middle) < mean_active:
-            low = middle
-        else:
-            high = middle
-    return np.minimum(max_frequency, high * shape)
+    return water_fill(zipf_weights(n_features, exponent), mean_active, max_frequency).numpy()
 
 
 def feature_recovery(

@@ -13,6 +13,7 @@ feature-usage counters. Metrics every ``metrics_every`` steps and at the end; ch
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -25,24 +26,23 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Unio
 import torch
 from torch import Tensor
 
-from .._validate import all_finite, check_device
+from .._validate import all_finite, check_device, positive_int, positive_number
 from ..errors import AllocationError
 from .atomic import resolve_published, write_file
-from .calibration import calibrated_copy
-from .checkpoint import STATE_JSON, json_bytes, load_checkpoint, save_checkpoint
+from .calibration import calibrated_copy, training_l0
+from .checkpoint import STATE_JSON, json_bytes, load_checkpoint, prefixed, save_checkpoint, with_prefix
 from .data import ActivationSource, load_activations
 from .downstream import check_downstream, trainer_downstream
 from .losses import REDUCTIONS, aux_k_loss, aux_zipf_loss, normalized_mse
 from .metrics import FeatureUsage, MetricsWindow, evaluate
 from .model import (
     ENCODER_INIT_SCALE,
-    RULE_NAMES,
     NonFiniteAffinitiesError,
     SAEOutput,
     SparseAutoencoder,
     default_learning_rate,
-    make_rule,
 )
+from .rules import Rule, make_rule, rule_class, rule_key
 from .rundir import RunDirectory
 from .saelens import export_saelens, metadata_from_source
 
@@ -78,65 +78,91 @@ class TrainingExplodedWarning(RuntimeWarning):
     """The run finished but its loss exploded (FVU above EXPLODED_FVU): its SAE is not usable."""
 
 
+def option(default: Any = None, help: str = "", *, factory: Optional[Callable[[], Any]] = None,
+           **cli: Any) -> Any:
+    """A TrainConfig field with its ``allocation train`` help next to it (``metadata['help']``).
+
+    ``cli``: extra argparse settings for its flag (``choices``, ``metavar``, ``flag``).
+    """
+    metadata = {"help": help, **cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+RULE_OPTION_FIELDS = ("zipf_capacities", "per_token", "per_feature", "total")
+"""TrainConfig fields that are options of the rule itself (passed to make_rule when set)."""
+
+
 @dataclass
 class TrainConfig:
-    """Everything a run needs besides the data; every field is a CLI flag of ``allocation train``."""
+    """Everything a run needs besides the data; every field is a flag of ``allocation train``."""
 
-    rule: str = "topk"  # topk | feature-choice | mutual-choice
-    k: int = 32  # activations per token (TopK), or budget k * n per batch (FC, MC)
-    n_features: int = 4096
-    aux: str = "k"  # none | k (aux_k_loss) | zipf (aux_zipf_loss)
-    tokens: int = 1_000_000  # training tokens; steps = tokens // batch_size
-    batch_size: int = 1024
-    lr: Optional[float] = None  # None: 2e-4 / sqrt(n_features / 2**14)
-    decoder_lr_scale: float = DECODER_LR_SCALE  # W_dec's learning rate is lr times this
-    encoder_init_scale: float = ENCODER_INIT_SCALE  # W_enc = c W_dec^T at init
-    warmup_steps: Optional[int] = None  # None: 5% of the steps, at most 1000
-    decay_fraction: float = 0.2  # lr decays linearly to 0 over the last 20% of steps
-    grad_clip: float = 1.0
-    dead_tokens: int = 10_000_000  # dead = no activation in the last dead_tokens tokens
-    usage_window_tokens: Optional[int] = None  # memory of the usage frequency; None: min(1M, tokens / 4)
-    k_aux: Optional[int] = None  # None: d_in // 2
-    aux_coefficient: float = 1.0 / 32.0
-    zipf_s: float = 1.0
-    threshold_decay: float = 0.99
-    threshold_correction: float = 0.05  # dual-subgradient step of the eval thresholds (0: plain average)
-    decode: str = "auto"  # auto | sparse | dense
-    reduction: str = "mean"
-    metrics_every: int = 100
-    checkpoint_every: int = 0  # 0: only at the end
-    eval_batches: int = 4
-    calibrate_l0: Optional[float] = None  # also evaluate at thresholds calibrated to this L0 (None: k; 0: skip)
-    b_dec_sample: int = 4096
-    seed: int = 0
-    device: str = "cpu"  # torch device for the SAE and the batches (data sources yield CPU tensors)
-    data: str = "synthetic"  # how the data was named (for resume); arrays are recorded as '<array>'
-    downstream: Optional[bool] = None  # splice into the model after training (None: where the data names one)
-    downstream_tokens: int = 2048  # held-out tokens of the downstream evaluation
-    data_options: Dict = field(default_factory=dict)
+    rule: str = option("topk", "a registered rule: topk | feature-choice | mutual-choice | custom | any rule "
+                       "added with allocation.sae.register_rule; on the command line several, comma-separated, "
+                       "train one after another into --out/<rule> and are compared")
+    k: int = option(32, "activations per token (TopK), or the budget k n per batch of n tokens "
+                    "(feature-choice, mutual-choice; custom without --total)")
+    zipf_capacities: Optional[float] = option(
+        None, "feature-choice: Zipf-shaped capacities m_j ~ j^-S summing to k n per batch (S >= 0)", metavar="S")
+    per_token: Optional[int] = option(None, "custom: at most K features per token", metavar="K")
+    per_feature: Optional[int] = option(None, "custom: at most M tokens per feature, per batch", metavar="M")
+    total: Optional[int] = option(None, "custom: at most B entries per batch (replaces the budget k n)", metavar="B")
+    rule_options: Dict = option(help="an option of a registered rule, KEY=VALUE (JSON value; repeatable)",
+                                factory=dict, flag="--rule-option")
+    n_features: int = option(4096, "dictionary size F")
+    aux: str = option("k", "auxiliary loss: none, k (aux_k_loss, dead features) or zipf (aux_zipf_loss)",
+                      choices=AUX_NAMES)
+    tokens: int = option(1_000_000, "training tokens; steps = tokens // batch_size; may grow on --resume")
+    batch_size: int = option(1024, "tokens per training batch")
+    lr: Optional[float] = option(None, "Adam learning rate (default 2e-4 / sqrt(n_features / 2^14))")
+    decoder_lr_scale: float = option(DECODER_LR_SCALE, "W_dec's learning rate is lr times this")
+    encoder_init_scale: float = option(ENCODER_INIT_SCALE, "W_enc = c W_dec^T at init (default 1/sqrt(3))")
+    warmup_steps: Optional[int] = option(None, "linear warmup steps (default 5% of the steps, at most 1000)")
+    decay_fraction: float = option(0.2, "fraction of the steps over which lr decays linearly to 0")
+    grad_clip: float = option(1.0, "gradient-norm clipping")
+    dead_tokens: int = option(10_000_000, "a feature is dead after this many tokens without an activation")
+    usage_window_tokens: Optional[int] = option(
+        None, "memory of the feature-usage frequency, in tokens (default min(1M, tokens / 4))")
+    k_aux: Optional[int] = option(None, "auxiliary activations per token (default d_in // 2)")
+    aux_coefficient: float = option(1.0 / 32.0, "weight of the auxiliary loss")
+    zipf_s: float = option(1.0, "Zipf exponent s >= 0 of aux_zipf_loss's usage targets")
+    threshold_decay: float = option(0.99, "decay of the moving average of the batch dual prices (eval thresholds)")
+    threshold_correction: float = option(
+        0.05, "dual-subgradient step of the eval thresholds' count-matching correction (0: plain average)")
+    decode: str = option("auto", "decoder path: auto (sparse when it pays), sparse or dense",
+                         choices=("auto", "sparse", "dense"))
+    reduction: str = option("mean", "reduction of the reconstruction loss over tokens", choices=REDUCTIONS)
+    metrics_every: int = option(100, "steps between metrics records")
+    checkpoint_every: int = option(0, "steps between checkpoints (0: only at the end); may change on --resume")
+    eval_batches: int = option(4, "held-out batches evaluated after training")
+    calibrate_l0: Optional[float] = option(
+        None, "after training, also evaluate batch rules at eval thresholds calibrated to this L0 per token on "
+        "held-out calibration tokens (default: the rule's training budget per token; 0 skips it)")
+    b_dec_sample: int = option(4096, "tokens whose geometric median initialises b_dec")
+    seed: int = option(0, "seed of the SAE's initialisation and the batch order")
+    device: str = option("cpu", "torch device for the SAE and the batches, e.g. cpu or cuda; may change on --resume")
+    data: str = option("synthetic", "synthetic | minilm | hf (a local transformers model: --data-option model=DIR "
+                       "text=FILE layer=L) | PATH (.npy, .safetensors, memmap); in-memory arrays are recorded as "
+                       "'<array>'")
+    downstream: Optional[bool] = option(
+        None, "after training, splice the SAE into the model and report loss recovered (causal LMs) or embedding "
+        "cosine (encoders) on held-out text (default: on where the data names its model: hf, minilm); may change "
+        "on --resume")
+    downstream_tokens: int = option(2048, "held-out tokens of the downstream evaluation; may change on --resume")
+    data_options: Dict = option(help="an option of the data source, KEY=VALUE, e.g. layer=3 or n_tokens=50000 "
+                                "(repeatable)", factory=dict, flag="--data-option")
 
     def __post_init__(self) -> None:
-        self.rule = str(self.rule).lower().replace("_", "-")
-        if self.rule not in RULE_NAMES:
-            raise AllocationError(f"rule must be one of {', '.join(RULE_NAMES)}, got {self.rule!r}")
+        self.rule = rule_key(self.rule)
+        rule_class(self.rule)  # AllocationError listing the registered rules
         if self.aux not in AUX_NAMES:
             raise AllocationError(f"aux must be one of {', '.join(AUX_NAMES)}, got {self.aux!r}")
         if self.reduction not in REDUCTIONS:
             raise AllocationError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
-        for name in (
-            "k",
-            "n_features",
-            "tokens",
-            "batch_size",
-            "dead_tokens",
-            "metrics_every",
-            "eval_batches",
-            "b_dec_sample",
-            "downstream_tokens",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise AllocationError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("k", "n_features", "tokens", "batch_size", "dead_tokens", "metrics_every", "eval_batches",
+                     "b_dec_sample", "downstream_tokens"):
+            positive_int(getattr(self, name), name, allow_integral_float=False)
         if self.k > self.n_features:
             raise AllocationError(f"k={self.k} exceeds n_features={self.n_features}; choose k <= n_features")
         if self.tokens < self.batch_size:
@@ -150,9 +176,7 @@ class TrainConfig:
         if not self.grad_clip > 0:
             raise AllocationError(f"grad_clip must be > 0, got {self.grad_clip}")
         for name in ("decoder_lr_scale", "encoder_init_scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise AllocationError(f"{name} must be a positive number, got {value!r}")
+            positive_number(getattr(self, name), name)
         if self.calibrate_l0 is not None and not (0 <= self.calibrate_l0 <= self.n_features):
             raise AllocationError(
                 f"calibrate_l0 must be in [0, n_features={self.n_features}] (0 skips calibration), "
@@ -170,6 +194,19 @@ class TrainConfig:
             raise AllocationError(
                 f"zipf_s must be a finite number >= 0 (0: uniform targets, 1: Zipf's law), got {self.zipf_s!r}"
             )
+
+        if not isinstance(self.rule_options, dict) or not isinstance(self.data_options, dict):
+            raise AllocationError("rule_options and data_options must be dicts")
+        self.make_rule().validate(self.n_features)
+
+    def rule_options_given(self) -> Dict[str, Any]:
+        """The rule's own options this config sets: the RULE_OPTION_FIELDS that are not None, and rule_options."""
+        given = {name: getattr(self, name) for name in RULE_OPTION_FIELDS if getattr(self, name) is not None}
+        return {**given, **self.rule_options}
+
+    def make_rule(self) -> Rule:
+        """The configured rule, from the registry: make_rule(rule, k, **rule options)."""
+        return make_rule(self.rule, self.k, **self.rule_options_given())
 
     @property
     def steps(self) -> int:
@@ -239,19 +276,18 @@ class Trainer:
     ) -> None:
         if not isinstance(config, TrainConfig):
             raise AllocationError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if data is None:
+            data = config.data
+        # the Trainer's own copy: the caller's config is never changed (data is recorded here)
+        config = copy.deepcopy(config)
+        config.data = str(data) if isinstance(data, (str, Path)) else "<array>"
         self.config = config
         self.device = check_device(config.device, "device")
         self._attach(out, fresh=True, overwrite=overwrite)  # before any work: refuse a busy or bad --out
-        if data is None:
-            data = config.data
-        elif isinstance(data, (str, Path)):
-            config.data = str(data)
-        else:
-            config.data = "<array>"
         self.source = load_activations(data, **config.data_options)
         check_downstream(config, self.source)
         if sae is None:
-            rule = make_rule(config.rule, config.k)
+            rule = config.make_rule()
             sae = SparseAutoencoder(
                 self.source.d_in,
                 config.n_features,
@@ -340,7 +376,7 @@ class Trainer:
                 reduction=cfg.reduction,
                 sparse=sparse,
             )
-        budget = self.sae.rule.budget(*out.pre.shape) / out.pre.shape[0]
+        budget = self.sae.budget(out.pre.shape[0]) / out.pre.shape[0]
         return aux_zipf_loss(
             out.pre,
             out.mask,
@@ -383,7 +419,7 @@ class Trainer:
             raise TrainingDivergedError(self._diverged_message("the gradient norm", float(grad_norm)))
         self.optimizer.step()
         self._check_parameters(sae.normalize_decoder())
-        sae.update_thresholds(out.pre.detach(), out.mask, out.code)
+        sae.update_thresholds(out.pre.detach(), out.mask, out.code, out.prices)
         l0_per_token, fired = out.l0, out.fired
         self.usage.record(fired, batch.shape[0])
         main_value, aux_value, loss_value = float(main.detach()), float(aux.detach()), float(loss.detach())
@@ -504,7 +540,7 @@ class Trainer:
 
     def _report(self, started: float, on_metrics: Optional[Callable[[dict], None]]) -> None:
         cfg = self.config
-        budget = self.sae.rule.budget(cfg.batch_size, cfg.n_features) / cfg.batch_size
+        budget = self.sae.budget(cfg.batch_size) / cfg.batch_size
         record = {
             "step": self.step,
             "tokens": self.step * cfg.batch_size,
@@ -581,15 +617,16 @@ class Trainer:
         return summary
 
     def calibrated_evaluation(self) -> Optional[dict]:
-        """Held-out eval at thresholds calibrated to L0 = calibrate_l0 (k by default); None for TopK / 0.
+        """Held-out eval at thresholds calibrated to L0 = calibrate_l0 (default: the rule's budget per token,
+        k for FC / MC); None for TopK / 0.
 
         Calibration tokens: the held-out batches right after the evaluated ones (same seed), so the
         two sets are disjoint while 2 * eval_batches * batch_size fits in one pass of the split. The
         SAE itself keeps its trained thresholds (a calibrated copy is evaluated).
         """
         cfg = self.config
-        target = cfg.k if cfg.calibrate_l0 is None else cfg.calibrate_l0
-        if not self.sae.rule.batch_dependent or target == 0:
+        target = training_l0(self.sae, cfg.batch_size) if cfg.calibrate_l0 is None else cfg.calibrate_l0
+        if not self.sae.batch_dependent or target == 0:
             return None
         stream = self.source.batches(cfg.batch_size, seed=cfg.seed, split="heldout", start_batch=cfg.eval_batches)
         tokens = torch.cat([next(stream) for _ in range(cfg.eval_batches)]).to(self.device)
@@ -626,8 +663,8 @@ class Trainer:
         for index, state in self.optimizer.state_dict()["state"].items():
             for key, value in state.items():
                 tensors[f"optimizer.{index}.{key}"] = value
-        tensors.update({f"usage.{k}": v for k, v in self.usage.state_dict().items()})
-        tensors.update({f"window.{k}": v for k, v in self.window.state_dict().items()})
+        tensors.update(prefixed("usage.", self.usage.state_dict()))
+        tensors.update(prefixed("window.", self.window.state_dict()))
         return tensors
 
     def save(self) -> Path:
@@ -677,11 +714,10 @@ class Trainer:
         trainer = cls(config, data, sae=sae)
         trainer._attach(out, fresh=False)
         try:
-            optimizer_state = {}
-            for name, value in tensors.items():
-                if name.startswith("optimizer."):
-                    _, index, key = name.split(".", 2)
-                    optimizer_state.setdefault(int(index), {})[key] = value
+            optimizer_state: Dict[int, Dict[str, Tensor]] = {}
+            for name, value in with_prefix(tensors, "optimizer.").items():
+                index, key = name.split(".", 1)
+                optimizer_state.setdefault(int(index), {})[key] = value
             groups = trainer.optimizer.state_dict()["param_groups"]
             saved_groups = state["param_groups"]
             if len(saved_groups) == 1 < len(groups):  # saved before the decoder had its own group
@@ -689,8 +725,8 @@ class Trainer:
             for group, saved in zip(groups, saved_groups, strict=True):
                 group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
             trainer.optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
-            trainer.usage.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("usage.")})
-            trainer.window.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("window.")})
+            trainer.usage.load_state_dict(with_prefix(tensors, "usage."))
+            trainer.window.load_state_dict(with_prefix(tensors, "window."))
             torch.set_rng_state(tensors["rng.torch"])
             trainer.step, trainer.history, trainer.elapsed = (
                 int(state["step"]),
@@ -710,8 +746,12 @@ class Trainer:
 
 
 def option_name(field_name: str) -> str:
-    """The ``allocation train`` flag of a TrainConfig field (data_options -> --data-option)."""
-    return "--data-option" if field_name == "data_options" else "--" + field_name.replace("_", "-")
+    """The ``allocation train`` flag of a TrainConfig field: its metadata's ``flag`` (data_options ->
+    --data-option, rule_options -> --rule-option), else --field-name."""
+    spec = {f.name: f for f in fields(TrainConfig)}.get(field_name)
+    if spec is not None and "flag" in spec.metadata:
+        return spec.metadata["flag"]
+    return "--" + field_name.replace("_", "-")
 
 
 def _apply_changes(config: TrainConfig, changes: Dict[str, Any], step: int) -> TrainConfig:
@@ -722,7 +762,7 @@ def _apply_changes(config: TrainConfig, changes: Dict[str, Any], step: int) -> T
         raise AllocationError(f"unknown training options {unknown}; valid: {sorted(known)}")
     current = config.to_dict()
     if "rule" in changes:
-        changes["rule"] = str(changes["rule"]).lower().replace("_", "-")
+        changes["rule"] = rule_key(changes["rule"])
     conflicts = [
         f"{option_name(name)} {_show(value)} (the checkpoint has {_show(current[name])})"
         for name, value in changes.items()
