@@ -252,9 +252,11 @@ def test_custom_per_token_l0_never_exceeds_the_cap_in_training_mode():
 
 
 @pytest.mark.parametrize("rule", ["feature-choice", "mutual-choice"])
-def test_format_2_checkpoints_resume_bit_identically_to_the_code_that_wrote_them(tmp_path, rule):
+def test_format_2_checkpoints_resume_to_the_state_the_code_that_wrote_them_reached(tmp_path, rule):
     """tests/data: 4 steps saved by the format-2 code (buffers threshold_sum, ...) and its state after 8;
-    the resumed run reaches the same state after 8 (old buffer names renamed into ``thresholds``)."""
+    the resumed run reaches that state after 8 (old buffer names renamed into ``thresholds``), up to
+    float rounding: the training step's arithmetic has since changed order (sparse gradient of the
+    kept entries), a misloaded tensor would differ by far more."""
     shutil.copytree(DATA / f"checkpoint-v2-{rule}", tmp_path, dirs_exist_ok=True)
     manifest = json.loads((tmp_path / "checkpoint" / MANIFEST).read_text())
     assert manifest["format"] == "allocation-sae-checkpoint/2"
@@ -263,7 +265,8 @@ def test_format_2_checkpoints_resume_bit_identically_to_the_code_that_wrote_them
     reference = load_file(DATA / f"v2-{rule}-step8.safetensors")
     state = trainer.sae.state_dict()
     for name, value in reference.items():
-        assert torch.equal(value, state[LEGACY_THRESHOLD_BUFFERS.get(name, name)]), name
+        torch.testing.assert_close(state[LEGACY_THRESHOLD_BUFFERS.get(name, name)], value, rtol=1e-5, atol=1e-6,
+                                   msg=name)
 
 
 def test_a_checkpoint_of_an_unknown_format_is_refused_naming_it(tmp_path):
