@@ -359,15 +359,19 @@ class AllocationSystem(System):
 
     @torch.no_grad()
     def encode_eval(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``sae.eval()`` inference (thresholds for the batch rules); the training mode is restored after."""
+        training = self.sae.training
         self.sae.eval()
-        out = self.sae(x)
+        try:
+            out = self.sae(x)
+        finally:
+            self.sae.train(training)
         return out.x_hat, out.mask
 
     def calibrate(self, x: Tensor, target_l0: int) -> Optional[str]:
         calibrate = calibration_api()
         if calibrate is None or not self.batch_rule:
             return None
-        self.sae.eval()
         calibrate(self.sae, x, target_l0=target_l0)
         return "allocation.sae.calibrate_thresholds(sae, x_calibration, target_l0=k)"
 

@@ -27,6 +27,7 @@ import argparse
 import importlib.metadata
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -312,6 +313,8 @@ def render(payload: dict) -> str:
         *describe_protocol(payload),
         "",
     ]
+    if not payload.get("complete", True):
+        lines += [f"**Incomplete run**: {len(payload['settings'])} setting(s) written so far.", ""]
     for setting in payload["settings"]:
         lines += setting_table(setting, len(setting["runs"]))
     lines += [f"_{payload['caveat']}_", ""]
@@ -351,7 +354,8 @@ def describe_protocol(payload: dict) -> list[str]:
 
 def setting_table(setting: dict, n_seeds: int) -> list[str]:
     lines = [
-        f"**k = {setting['k']}, F = {setting['n_features']}** ({n_seeds} seeds)",
+        f"**k = {setting['k']}, F = {setting['n_features']}** ({n_seeds} seeds; load average after: "
+        f"{setting.get('load_average_after', ['?'])[0]})",
         "",
         "| system | FVU as trained @ L0 | FVU calibrated @ L0 | dead (eval) | dead in training | step (ms) "
         "| / sparsify TopK | / allocation TopK |",
@@ -448,9 +452,6 @@ def run(args: argparse.Namespace, path: Path, command: str) -> None:
     device = torch.device("cpu")
     load_before = _common.machine(device)["load_average"]
     started = time.perf_counter()
-    with _peers.temporary_workdir() as workdir:
-        settings = [run_setting(factories, data, k, features, seeds, args, Path(workdir))
-                    for k, features in parse_settings(args.settings)]
     payload = {
         "benchmark": "peers",
         "file": path.name,
@@ -462,13 +463,24 @@ def run(args: argparse.Namespace, path: Path, command: str) -> None:
         "overridden": _peers.OVERRIDDEN,
         "calibration_api": _peers.calibration_api() is not None,
         "calibration_note": calibration_note(_peers.calibration_api() is not None),
-        "settings": settings,
-        "wall_seconds": time.perf_counter() - started,
+        "settings": [],
+        "complete": False,
         "caveat": _common.LOAD_CAVEAT,
     }
+    with _peers.temporary_workdir() as workdir:
+        for k, features in parse_settings(args.settings):  # the file is rewritten after each setting
+            payload["settings"].append(run_setting(factories, data, k, features, seeds, args, Path(workdir)))
+            payload["settings"][-1]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+            payload["wall_seconds"] = time.perf_counter() - started
+            write_payload(path, payload)
+    payload["complete"] = True
+    write_payload(path, payload)
+    print(f"wrote {path} ({payload['wall_seconds']:.0f} s)")
+
+
+def write_payload(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"wrote {path} ({payload['wall_seconds']:.0f} s)")
 
 
 def calibration_note(api: bool) -> str:
