@@ -31,7 +31,19 @@ from torch import Tensor
 Count = Union[int, Tensor]
 
 BLOCKED_MIN_NUMEL = 1 << 20
-"""Matrices with fewer entries use the plain path (tests lower it to exercise the blocked path)."""
+"""Per-column selection on matrices with fewer entries uses the plain path (tests lower it to
+exercise the blocked path)."""
+
+BLOCKED_MIN_NUMEL_OVERALL = 1 << 16
+"""The same for a selection over the whole matrix, where ``flatten().topk`` is slow much earlier
+(512 x 1536, a training batch: 24 ms plain vs 7 ms blocked on one CPU thread)."""
+
+
+def blocked_pays(numel: int, dim: Optional[int]) -> bool:
+    """Whether ``select_top`` should try the blocked path for a matrix of ``numel`` entries."""
+    if dim == 1:
+        return False
+    return numel >= (BLOCKED_MIN_NUMEL_OVERALL if dim is None else BLOCKED_MIN_NUMEL)
 
 ROWS_PER_BLOCK = 8
 """Rows per fine block: a fine block is ROWS_PER_BLOCK consecutive rows of one column."""

@@ -32,7 +32,7 @@ def select_top(scores: Tensor, count: Union[int, Tensor], dim: Optional[int]) ->
     blocked path (threshold from block maxima, exact top among the candidates; see
     ``allocation._selection``), which falls back to ``torch.topk`` whenever it would not pay off.
     """
-    if dim != 1 and scores.numel() >= _selection.BLOCKED_MIN_NUMEL:
+    if _selection.blocked_pays(scores.numel(), dim):
         mask = _selection.select_top_blocked(scores, count, dim)
         if mask is not None:
             return mask

@@ -47,9 +47,11 @@ def score_tensors(draw, max_tokens: int = 33, max_features: int = 21) -> torch.T
 def blocked_everywhere(rows_per_block: int = 8):
     """Force the blocked path on any size: no size threshold, no gather limit, small blocks, and
     a low bar for padding wide columns apart (so both padded groups occur on small matrices)."""
-    names = ("BLOCKED_MIN_NUMEL", "MAX_GATHER_FRACTION", "ROWS_PER_BLOCK", "WIDE_COLUMN_MIN", "WIDE_COLUMN_FACTOR")
+    names = ("BLOCKED_MIN_NUMEL", "BLOCKED_MIN_NUMEL_OVERALL", "MAX_GATHER_FRACTION", "ROWS_PER_BLOCK",
+             "WIDE_COLUMN_MIN", "WIDE_COLUMN_FACTOR")
     saved = {name: getattr(_selection, name) for name in names}
-    forced = {"BLOCKED_MIN_NUMEL": 0, "MAX_GATHER_FRACTION": float("inf"), "ROWS_PER_BLOCK": rows_per_block,
+    forced = {"BLOCKED_MIN_NUMEL": 0, "BLOCKED_MIN_NUMEL_OVERALL": 0, "MAX_GATHER_FRACTION": float("inf"),
+              "ROWS_PER_BLOCK": rows_per_block,
               "WIDE_COLUMN_MIN": 1, "WIDE_COLUMN_FACTOR": 1.0}  # columns above the mean are padded apart
     for name, value in forced.items():
         setattr(_selection, name, value)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import allocation.sae.model as model
+import allocation.sae.prices as prices
 from allocation.errors import AllocationError
 from allocation.sae import (
     FeatureChoice,
@@ -266,12 +266,12 @@ def test_chunked_threshold_passes_match_whole_matrix_reductions(data, pre):
     mask = data.draw(st.lists(st.booleans(), min_size=pre.numel(), max_size=pre.numel()), label="mask")
     mask = torch.tensor(mask).reshape(pre.shape)
     threshold = pre[data.draw(st.integers(0, pre.shape[0] - 1), label="row")]  # ties with the scores
-    chunk = data.draw(st.sampled_from([1, 2, 3, model.ROWS_PER_CHUNK]), label="rows per chunk")
+    chunk = data.draw(st.sampled_from([1, 2, 3, prices.ROWS_PER_CHUNK]), label="rows per chunk")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(model, "ROWS_PER_CHUNK", chunk)
-        largest = model.largest_dropped_per_column(pre, mask)
-        above = model.count_above_per_column(pre, threshold)
-        above_scalar = model.count_above_per_column(pre, threshold[0])
+        patch.setattr(prices, "ROWS_PER_CHUNK", chunk)
+        largest = prices.largest_dropped_per_column(pre, mask)
+        above = prices.count_above_per_column(pre, threshold)
+        above_scalar = prices.count_above_per_column(pre, threshold[0])
     assert torch.equal(largest, torch.where(mask, float("-inf"), pre).amax(dim=0))
     assert torch.equal(above, (pre > threshold).sum(0).double())
     assert torch.equal(above_scalar, (pre > threshold[0]).sum(0).double())

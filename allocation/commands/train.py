@@ -83,6 +83,12 @@ def register(subparsers) -> None:
         default=DEFAULTS.checkpoint_every,
         help="steps between checkpoints (0: only at the end)",
     )
+    parser.add_argument(
+        "--calibrate-l0",
+        type=float,
+        help="after training, also evaluate Feature/Mutual Choice at eval thresholds calibrated to this "
+        "held-out L0 per token on a held-out calibration set (default: k; 0 skips it)",
+    )
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument(
         "--device", default=DEFAULTS.device, help="torch device, e.g. cpu or cuda (default cpu)"
@@ -150,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
                 decode=args.decode,
                 metrics_every=args.metrics_every,
                 checkpoint_every=args.checkpoint_every,
+                calibrate_l0=args.calibrate_l0,
                 seed=args.seed,
                 device=args.device,
                 data_options=_data_options(args.data_option),

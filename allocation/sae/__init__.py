@@ -5,6 +5,7 @@ sae = SparseAutoencoder(d_in=384, n_features=4096, rule=MutualChoice(k=32))
 summary = Trainer(TrainConfig(rule="mutual-choice", k=32, aux="zipf"), "synthetic").run()
 """
 
+from .calibration import calibrate_thresholds, calibrated_copy
 from .checkpoint import CheckpointError, export_saelens, load_checkpoint, load_sae, save_sae
 from .data import ActivationSource, ArraySource, load_activations
 from .losses import aux_k_loss, aux_zipf_loss, fvu, mse_loss, normalized_mse, zipf_targets
@@ -41,6 +42,8 @@ __all__ = [
     "Trainer",
     "TrainingDivergedError",
     "aux_k_loss",
+    "calibrate_thresholds",
+    "calibrated_copy",
     "aux_zipf_loss",
     "decode_dense",
     "decode_sparse",

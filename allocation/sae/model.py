@@ -24,6 +24,8 @@ from .._masks import count_selected
 from .._validate import all_finite
 from ..errors import AllocationError
 from ..rules import feature_choice, mutual_choice, topk
+from .encoder import affinities
+from .prices import budget_price, count_above_per_column, feature_prices
 from .sparse import SparseCode, decode_dense, decode_sparse
 
 # ----------------------------------------------------------------------------------------- rules
@@ -182,27 +184,6 @@ def rule_from_dict(data: dict) -> Rule:
 
 ITERATE_AVERAGING = 0.95  # decay of the Polyak average of the threshold-correction iterates
 
-ROWS_PER_CHUNK = 256
-"""Row chunk of the threshold passes: small temporaries the allocator reuses, instead of fresh (n, F)
-tensors each step (page faults on CPU, and two more (n, F) tensors at the step's peak memory)."""
-
-
-def largest_dropped_per_column(pre: Tensor, mask: Tensor) -> Tensor:
-    """max {pre_ij : not mask_ij} over rows i, per column j (-inf where every entry is kept)."""
-    largest = pre.new_full((pre.shape[1],), float("-inf"))
-    for start in range(0, pre.shape[0], ROWS_PER_CHUNK):
-        rows = slice(start, start + ROWS_PER_CHUNK)
-        torch.maximum(largest, torch.where(mask[rows], float("-inf"), pre[rows]).amax(dim=0), out=largest)
-    return largest
-
-
-def count_above_per_column(pre: Tensor, threshold: Tensor) -> Tensor:
-    """#{i : pre_ij > threshold_j} per column j, as float64 (threshold: (F,) or a scalar)."""
-    counts = torch.zeros(pre.shape[1], dtype=torch.int64, device=pre.device)
-    for start in range(0, pre.shape[0], ROWS_PER_CHUNK):
-        counts += count_selected(pre[start : start + ROWS_PER_CHUNK] > threshold, dim=0)
-    return counts.to(torch.float64)
-
 
 class NonFiniteAffinitiesError(AllocationError):
     """Finite activations gave NaN or inf affinities: the SAE's weights have diverged."""
@@ -299,6 +280,7 @@ class SparseAutoencoder(nn.Module):
         self.threshold_correction = float(threshold_correction)
         self.d_in, self.n_features, self.rule = d_in, n_features, rule
         self.decode_mode, self.threshold_decay = decode, float(threshold_decay)
+        self.sparse_backward = True  # encoder gradients from the kept entries only (see .encoder)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         W_dec = torch.randn(n_features, d_in, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
@@ -380,20 +362,22 @@ class SparseAutoencoder(nn.Module):
             code = SparseCode.from_mask(pre, mask)
         kept_values = code.values.detach()
         if isinstance(self.rule, MutualChoice):
-            n_kept = code.nnz
-            if n_kept == 0 or n_kept < self.rule.budget(*pre.shape):  # budget slack: price 0
-                return pre.new_zeros(self.n_features)
-            price = (kept_values.min() + largest_dropped_per_column(pre, mask).max().clamp_min(0)) / 2
+            price = budget_price(pre, mask, kept_values, self.rule.budget(*pre.shape))
             return price.expand(self.n_features).clone()
-        capacity = self.rule.capacity(*pre.shape)
-        capacity = capacity.to(pre.device) if isinstance(capacity, Tensor) else capacity
-        kept = torch.bincount(code.feature_index, minlength=self.n_features)
-        smallest_kept = pre.new_full((self.n_features,), float("inf")).scatter_reduce_(
-            0, code.feature_index, kept_values, "amin"
-        )
-        price = (smallest_kept + largest_dropped_per_column(pre, mask).clamp_min(0)) / 2
-        tight = (kept >= capacity) & (kept > 0)
-        return torch.where(tight, price, torch.zeros_like(price))
+        return feature_prices(pre, mask, code.feature_index, kept_values, self.rule.capacity(*pre.shape))
+
+    @torch.no_grad()
+    def set_thresholds(self, thresholds: Tensor) -> None:
+        """Replace the running eval thresholds by ``thresholds`` (F,) (e.g. calibrated ones)."""
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float64, device=self.threshold_sum.device)
+        if thresholds.shape != (self.n_features,) or not bool(torch.isfinite(thresholds).all()):
+            raise AllocationError(
+                f"thresholds must be {self.n_features} finite numbers, got shape {tuple(thresholds.shape)}"
+            )
+        self.threshold_sum.copy_(thresholds)
+        self.threshold_weight.fill_(1.0)
+        self.threshold_offset.zero_()
+        self.threshold_iterate.zero_()
 
     @torch.no_grad()
     def update_thresholds(self, pre: Tensor, mask: Tensor, code: Optional[SparseCode] = None) -> None:
@@ -439,7 +423,7 @@ class SparseAutoencoder(nn.Module):
     def pre_activations(self, x: Tensor) -> Tensor:
         """(x - b_dec) @ W_enc + b_enc for x (n, d_in); validates shape and finiteness."""
         x = check_activations(x, self.d_in)
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return affinities(x, self.b_dec, self.W_enc, self.b_enc, sparse_backward=self.sparse_backward)
 
     def select(self, pre: Tensor) -> Tensor:
         """Kept mask (n, F): the rule in training mode; thresholds (or TopK) in eval mode."""

@@ -16,6 +16,8 @@ COLUMNS = (
     ("eval L0 (held-out)", "eval_l0.mean"),
     ("L0 min/p50/max", "eval_l0"),
     ("eval L0 (train split)", "eval_train_split_l0.mean"),
+    ("FVU @ calibrated L0", "calibrated.eval_fvu"),
+    ("calibrated L0 (held-out)", "calibrated.eval_l0.mean"),
     ("dead %", "dead_fraction"),
     ("under-used %", "under_used_fraction"),
     ("recovery", "feature_recovery"),
@@ -24,6 +26,9 @@ COLUMNS = (
 
 
 def _cell(summary: dict, key: str) -> str:
+    if key.startswith("calibrated."):
+        calibrated = summary.get("calibrated")
+        return _cell(calibrated, key[len("calibrated.") :]) if calibrated else "-"
     if key == "eval_l0":
         l0 = summary.get("eval_l0") or {}
         return f"{l0.get('min', 0):.0f}/{l0.get('p50', 0):.0f}/{l0.get('max', 0):.0f}"

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .._masks import count_selected
 from ..errors import AllocationError
+from .calibration import calibrated_copy
 from .checkpoint import (
     _json_bytes,
     _write_file,
@@ -77,6 +78,7 @@ class TrainConfig:
     metrics_every: int = 100
     checkpoint_every: int = 0  # 0: only at the end
     eval_batches: int = 4
+    calibrate_l0: Optional[float] = None  # also evaluate at thresholds calibrated to this L0 (None: k; 0: skip)
     b_dec_sample: int = 4096
     seed: int = 0
     device: str = "cpu"  # torch device for the SAE and the batches (data sources yield CPU tensors)
@@ -116,6 +118,11 @@ class TrainConfig:
             raise AllocationError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if not self.grad_clip > 0:
             raise AllocationError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.calibrate_l0 is not None and not (0 <= self.calibrate_l0 <= self.n_features):
+            raise AllocationError(
+                f"calibrate_l0 must be in [0, n_features={self.n_features}] (0 skips calibration), "
+                f"got {self.calibrate_l0}"
+            )
         if self.checkpoint_every < 0:
             raise AllocationError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
@@ -403,6 +410,9 @@ class Trainer:
             "seconds": self.elapsed,
             "tokens_per_second": self.step * cfg.batch_size / max(self.elapsed, 1e-9),
         }
+        calibrated = self.calibrated_evaluation()
+        if calibrated is not None:
+            summary["calibrated"] = calibrated
         true_features = getattr(self.source, "true_features", None)
         if true_features is not None:
             from .synthetic import feature_recovery
@@ -412,6 +422,31 @@ class Trainer:
             _write_file(self.out / "summary.json", _json_bytes(summary))
             export_saelens(self.sae, self.out / "saelens", dataset_path=cfg.data)
         return summary
+
+    def calibrated_evaluation(self) -> Optional[dict]:
+        """Held-out eval at thresholds calibrated to L0 = calibrate_l0 (k by default); None for TopK / 0.
+
+        Calibration tokens: the held-out batches right after the evaluated ones (same seed), so the
+        two sets are disjoint while 2 * eval_batches * batch_size fits in one pass of the split. The
+        SAE itself keeps its trained thresholds (a calibrated copy is evaluated).
+        """
+        cfg = self.config
+        target = cfg.k if cfg.calibrate_l0 is None else cfg.calibrate_l0
+        if not self.sae.rule.batch_dependent or target == 0:
+            return None
+        stream = self.source.batches(cfg.batch_size, seed=cfg.seed, split="heldout", start_batch=cfg.eval_batches)
+        tokens = torch.cat([next(stream) for _ in range(cfg.eval_batches)]).to(self.device)
+        twin, report = calibrated_copy(self.sae, tokens, float(target))
+        heldout = self.source.batches(cfg.batch_size, seed=cfg.seed, split="heldout")
+        evaluation = evaluate(twin, heldout, max_batches=cfg.eval_batches)
+        n_heldout = getattr(self.source, "n_heldout", None)
+        return {
+            **report,
+            "eval_fvu": evaluation["fvu"],
+            "eval_l0": evaluation["l0"],
+            "eval_never_fired_fraction": evaluation["never_fired_fraction"],
+            "disjoint_from_eval": n_heldout is None or 2 * cfg.eval_batches * cfg.batch_size <= n_heldout,
+        }
 
     # ------------------------------------------------------------------------------- checkpoints
     def state_tensors(self) -> Dict[str, Tensor]:
