@@ -372,7 +372,7 @@ class AllocationSystem(System):
         calibrate = calibration_api()
         if calibrate is None or not self.batch_rule:
             return None
-        calibrate(self.sae, x, target_l0=target_l0)
+        self.calibration_report = calibrate(self.sae, x, target_l0=target_l0)
         return "allocation.sae.calibrate_thresholds(sae, x_calibration, target_l0=k)"
 
 

@@ -195,6 +195,8 @@ def system_result(system: System, training: dict, data: Data, setup: Setup) -> d
     how = system.calibrate(data.calibration, setup.k) if system.batch_rule else None
     result["calibration"] = how
     result["calibrated"] = evaluate(system, data.evaluation) if how is not None else None
+    result["calibrated_calibration_half"] = evaluate(system, data.calibration) if how is not None else None
+    result["calibration_report"] = getattr(system, "calibration_report", None)
     return result
 
 
@@ -218,7 +220,7 @@ def summarize_system(per_seed: list[dict]) -> dict:
     keys = ["median_step_ms", "dead_in_training_fraction", "train_l0_last",
             *[f"step_ratio_to_{r}" for r in REFERENCES if f"step_ratio_to_{r}" in per_seed[0]]]
     summary = {key: mean_std([seed[key] for seed in per_seed]) for key in keys}
-    for block in ("as_trained", "calibrated"):
+    for block in ("as_trained", "calibrated", "calibrated_calibration_half", "as_trained_calibration_half"):
         if all(seed[block] is not None for seed in per_seed):
             summary[block] = {key: mean_std([seed[block][key] for seed in per_seed])
                               for key in per_seed[0][block]}
@@ -297,11 +299,14 @@ def fmt(stat: Optional[dict], digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
-def cell_at_l0(block: Optional[dict]) -> str:
-    """'FVU mean ± std @ L0 mean' of one evaluation block, or '—'."""
+def cell_at_l0(block: Optional[dict], calibration_half: Optional[dict] = None) -> str:
+    """'FVU mean ± std @ L0 mean' of one evaluation block (and the calibration half's L0), or '—'."""
     if block is None:
         return "—"
-    return f"{fmt(block['fvu'], 4)} @ {block['l0']['mean']:.1f}"
+    cell = f"{fmt(block['fvu'], 4)} @ {block['l0']['mean']:.1f}"
+    if calibration_half is not None:
+        cell += f" (cal. {calibration_half['l0']['mean']:.1f})"
+    return cell
 
 
 def render(payload: dict) -> str:
@@ -344,8 +349,9 @@ def describe_protocol(payload: dict) -> list[str]:
         "inference: TopK keeps k per token; allocation's batch rules use the thresholds learned in "
         "training; SAELens BatchTopK is its JumpReLU inference SAE, whose threshold is an EMA of the "
         f"smallest kept activation of each batch. **Calibrated to L0 = k**: {payload['calibration_note']} "
-        "L0 after @ is the measured mean L0 of that row on the evaluation half; TopK rules have no "
-        "thresholds (—). Dead = features that fire on no evaluation token; dead in training = no "
+        "L0 after @ is the measured mean L0 of that row on the evaluation half (cal. = on the calibration "
+        "half, where calibration sets it); TopK rules have no thresholds (—). Dead = features that fire "
+        "on no evaluation token; dead in training = no "
         f"activation in the last {payload['protocol']['dead_window_fraction']:.0%} of the steps. Step = median "
         "step time; ratios = median over steps of the per-step ratio (same step, same batch).",
         "",
@@ -365,7 +371,8 @@ def setting_table(setting: dict, n_seeds: int) -> list[str]:
         ratios = [fmt(s.get(f"step_ratio_to_{r}"), 2) for r in REFERENCES]
         dead = s["as_trained"]["dead_fraction"]
         lines.append(
-            f"| {name} | {cell_at_l0(s['as_trained'])} | {cell_at_l0(s['calibrated'])} | {fmt(dead)} "
+            f"| {name} | {cell_at_l0(s['as_trained'])} "
+            f"| {cell_at_l0(s['calibrated'], s.get('calibrated_calibration_half'))} | {fmt(dead)} "
             f"| {fmt(s['dead_in_training_fraction'])} | {fmt(s['median_step_ms'], 1)} | {ratios[0]} | {ratios[1]} |"
         )
     return lines + [""]
