@@ -9,12 +9,12 @@ defaults (or a named combination); every variant sees the same batches per seed.
 is over all held-out tokens (TopK: L0 = k exactly).
 
 Variants (comma-separated, ``name=value``):
-  baseline                 the package's current defaults
+  baseline                 the package's current defaults (recorded in the results as "defaults")
   enc_scale=S              W_enc = S * W_dec^T at init (S = 1/sqrt(3) = 0.577 is nn.Linear's row norm)
   uniform_init             sparsify's init: W_enc ~ U(-1/sqrt(d), 1/sqrt(d)), W_dec = its normalised transpose
-  dec_lr=M                 the decoder's learning rate times M (encoder and biases unchanged)
+  dec_lr=M                 the decoder's learning rate is M times lr (encoder and biases: 1 x lr)
   eps=E                    Adam's eps
-  enc_lr=M, b_enc_lr=M, b_dec_lr=M   the same for W_enc, b_enc, b_dec
+  enc_lr=M, b_enc_lr=M, b_dec_lr=M   the same for W_enc, b_enc, b_dec (default 1)
   a=1+b=2                  several changes at once
 """
 
@@ -60,20 +60,12 @@ def apply_variant(trainer: Trainer, options: dict, seed: int) -> None:
             sae.W_dec.copy_(weight / weight.norm(dim=1, keepdim=True))
         if "enc_scale" in options:
             sae.W_enc.copy_(sae.W_dec.t() * options["enc_scale"])
-    multipliers = {"W_dec": options.get("dec_lr", 1.0), "W_enc": options.get("enc_lr", 1.0),
-                   "b_enc": options.get("b_enc_lr", 1.0), "b_dec": options.get("b_dec_lr", 1.0)}
+    scales = {"W_dec": options.get("dec_lr", trainer.config.decoder_lr_scale), "W_enc": options.get("enc_lr", 1.0),
+              "b_enc": options.get("b_enc_lr", 1.0), "b_dec": options.get("b_dec_lr", 1.0)}
     named = dict(sae.named_parameters())
-    groups = [{"params": [named[name]], "lr_multiplier": multipliers.get(name, 1.0)} for name in named]
+    groups = [{"params": [named[name]], "lr_scale": scales[name]} for name in named]
     eps = options.get("eps", trainer.optimizer.defaults["eps"])
     trainer.optimizer = torch.optim.Adam(groups, lr=trainer.config.learning_rate, betas=(0.9, 0.999), eps=eps)
-    step = trainer.optimizer.step
-
-    def scaled_step(*args, **kwargs):
-        for group in trainer.optimizer.param_groups:
-            group["lr"] *= group["lr_multiplier"]
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = scaled_step
 
 
 def run(source, rule: str, k: int, n_features: int, steps: int, batch_size: int, seed: int, options: dict) -> dict:
@@ -122,7 +114,9 @@ def main(argv=None) -> None:
                 rows.append(row)
                 print(f"{setting:>9} {rule:>14} {variant:>28}: FVU {row['fvu_mean']:.4f} ± {row['fvu_std']:.4f} "
                       f"(L0 {statistics.mean(r['l0'] for r in runs):.2f})", flush=True)
-    payload = {"command": " ".join(sys.argv), "machine": _common.machine(torch.device("cpu")), "rows": rows}
+    defaults = {name: getattr(TrainConfig(), name) for name in ("decoder_lr_scale", "encoder_init_scale")}
+    payload = {"command": " ".join(sys.argv), "machine": _common.machine(torch.device("cpu")), "defaults": defaults,
+               "rows": rows}
     path = _common.RESULTS / f"{args.name}_cpu.json"
     path.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {path}")

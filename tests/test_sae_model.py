@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import allocation.sae.model as model
 import allocation.sae.prices as prices
 from allocation.errors import AllocationError
 from allocation.sae import (
@@ -67,7 +68,12 @@ def test_bad_rule_arguments():
 def test_init_unit_decoder_rows_and_tied_encoder():
     sae = SparseAutoencoder(16, 64, TopK(4))
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
-    assert torch.equal(sae.W_enc, sae.W_dec.t())
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.t() * model.ENCODER_INIT_SCALE, rtol=0, atol=0)
+    assert sae.W_enc.is_contiguous()  # regression: a transposed W_enc broke fused Adam's resume (strides)
+    scaled = SparseAutoencoder(16, 64, TopK(4), encoder_init_scale=0.25)
+    assert torch.equal(scaled.W_enc, scaled.W_dec.t() * 0.25)
+    with pytest.raises(AllocationError, match="encoder_init_scale"):
+        SparseAutoencoder(16, 64, TopK(4), encoder_init_scale=0)
 
 
 def test_parallel_gradient_is_removed_and_rows_renormalised():
@@ -115,6 +121,10 @@ def test_feature_choice_capacity_default_matches_topk_budget():
     rule = FeatureChoice(k=8)
     assert rule.capacity(n_tokens=4096, n_features=16384) == 2
     assert rule.budget(4096, 16384) == 8 * 4096
+    uneven = FeatureChoice(k=16).capacity(n_tokens=512, n_features=1536)  # 16 * 512 / 1536 = 5.33
+    assert int(uneven.sum()) == 16 * 512 and set(uneven.tolist()) == {5, 6}
+    assert FeatureChoice(k=16).budget(512, 1536) == 16 * 512  # was 15 * 512 with round(k n / F)
+    assert int(FeatureChoice(k=1).capacity(n_tokens=3, n_features=8).sum()) == 3  # k n < F: some get 0
     assert FeatureChoice(m=3).capacity(100, 7) == 3
     caps = FeatureChoice(capacities=[0, 1, 2]).capacity(10, 3)
     assert caps.tolist() == [0, 1, 2]

@@ -55,6 +55,18 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4 / sqrt(F / 2^14))")
+    parser.add_argument(
+        "--decoder-lr-scale",
+        type=float,
+        default=DEFAULTS.decoder_lr_scale,
+        help=f"W_dec's learning rate is lr times this (default {DEFAULTS.decoder_lr_scale:g})",
+    )
+    parser.add_argument(
+        "--encoder-init-scale",
+        type=float,
+        default=DEFAULTS.encoder_init_scale,
+        help=f"W_enc = c W_dec^T at init (default 1/sqrt(3) = {DEFAULTS.encoder_init_scale:.3f})",
+    )
     parser.add_argument("--warmup-steps", type=int, help="default 5%% of the steps, at most 1000")
     parser.add_argument(
         "--decay-fraction",
@@ -147,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
                 tokens=args.tokens,
                 batch_size=args.batch_size,
                 lr=args.lr,
+                decoder_lr_scale=args.decoder_lr_scale,
+                encoder_init_scale=args.encoder_init_scale,
                 warmup_steps=args.warmup_steps,
                 decay_fraction=args.decay_fraction,
                 grad_clip=args.grad_clip,

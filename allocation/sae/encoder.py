@@ -50,7 +50,7 @@ class _Affinities(torch.autograd.Function):
             by_feature = torch.argsort(feature, stable=True)
             grad_W_enc = _sum_per_bag(
                 feature[by_feature], grad.shape[1], token[by_feature], values[by_feature], centered
-            ).t()
+            ).t().contiguous()  # W_enc's row-major layout
         return grad_x, grad_b_dec, grad_W_enc, per_feature if need_b_enc else None
 
 

@@ -42,8 +42,12 @@ class FeatureUsage:
     @torch.no_grad()
     def update(self, mask: Tensor) -> None:
         """Record one batch's kept mask (n, F)."""
-        n_tokens = mask.shape[0]
-        fired_counts = count_selected(mask, dim=0).cpu()
+        self.record(count_selected(mask, dim=0), mask.shape[0])
+
+    @torch.no_grad()
+    def record(self, fired_counts: Tensor, n_tokens: int) -> None:
+        """Record one batch of ``n_tokens`` tokens from its kept entries per feature (F,)."""
+        fired_counts = fired_counts.cpu()
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[fired_counts > 0] = 0
         decay = math.exp(-n_tokens / self.window_tokens)
@@ -120,11 +124,19 @@ class MetricsWindow:
 
     @torch.no_grad()
     def update(self, x: Tensor, x_hat: Tensor, mask: Tensor, main: float, aux: float, total: float) -> None:
+        """Add one batch, from its kept mask (n, F)."""
+        self.record(x, x_hat, count_selected(mask, dim=1), count_selected(mask, dim=0), main, aux, total)
+
+    @torch.no_grad()
+    def record(
+        self, x: Tensor, x_hat: Tensor, l0: Tensor, fired: Tensor, main: float, aux: float, total: float
+    ) -> None:
+        """Add one batch from its kept entries per token ``l0`` (n,) and per feature ``fired`` (F,)."""
         self.squared_error += float((x_hat - x).pow(2).sum())
         self.variance += float((x - x.mean(dim=0)).pow(2).sum())
-        self.l0_counts += torch.bincount(count_selected(mask, dim=1).cpu(), minlength=self.n_features + 1)
-        self.fired += count_selected(mask, dim=0).cpu()
-        self.tokens += mask.shape[0]
+        self.l0_counts += torch.bincount(l0.cpu(), minlength=self.n_features + 1)
+        self.fired += fired.cpu()
+        self.tokens += x.shape[0]
         self.steps += 1
         self.loss_sums += torch.tensor([main, aux, total], dtype=torch.float64)
 
