@@ -69,10 +69,25 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def adam_settings(optimizer: torch.optim.Optimizer) -> dict:
-    """The Adam hyper-parameters a system actually trains with (read back from its optimiser)."""
-    group = optimizer.param_groups[0]
-    return {"optimizer": type(optimizer).__name__, "betas": list(group["betas"]), "eps": group["eps"]}
+def adam_settings(optimizer: torch.optim.Optimizer, module: torch.nn.Module, shared_lr: float,
+                  lrs: Optional[list] = None) -> dict:
+    """The Adam settings a system trains with, read back from its optimiser after its last step.
+
+    ``lr_scale`` per parameter group = the group's lr in that step / the shared schedule's lr (1 = the
+    shared lr); ``lrs``: the groups' lrs in that step when a scheduler has changed them since.
+    """
+    groups = optimizer.param_groups
+    lrs = lrs if lrs is not None else [g["lr"] for g in groups]
+    names = {id(parameter): name for name, parameter in module.named_parameters()}
+    return {
+        "optimizer": type(optimizer).__name__,
+        "betas": list(groups[0]["betas"]),
+        "eps": groups[0]["eps"],
+        "fused": bool(groups[0].get("fused")),
+        "groups": [{"parameters": [names.get(id(p), "?") for p in g["params"]],
+                    "size": sum(p.numel() for p in g["params"]),
+                    "lr_scale": lr / shared_lr if shared_lr > 0 else None} for g, lr in zip(groups, lrs)],
+    }
 
 
 def mask_from_topk(acts: Tensor, indices: Tensor, n_features: int) -> Tensor:
@@ -105,8 +120,12 @@ class System(ABC):
         """(F,) training steps since each feature last had an activation > 0."""
 
     @abstractmethod
-    def optimizer_settings(self) -> dict:
-        """The Adam settings this system trains with."""
+    def optimizer_settings(self, lr: float) -> dict:
+        """The Adam settings this system trains with (``lr``: the shared lr of its last step)."""
+
+    def config(self) -> dict:
+        """The system's own configuration (its defaults and what the benchmark set), for the results."""
+        return {}
 
     def finish(self, workdir: Path) -> None:
         """Build the inference model (after the last step); nothing to do for most systems."""
@@ -168,11 +187,14 @@ class SparsifyTopK(System):
     def last_l0(self) -> float:
         return float((self._last.latent_acts > 0).sum(dim=1).double().mean())
 
+    def config(self) -> dict:
+        return self.sae.cfg.to_dict()
+
     def steps_since_fired(self) -> Tensor:
         return self.since_fired.clone()
 
-    def optimizer_settings(self) -> dict:
-        return adam_settings(self.optimizer)
+    def optimizer_settings(self, lr: float) -> dict:
+        return adam_settings(self.optimizer, self.sae, lr)
 
     @torch.no_grad()
     def encode_eval(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -230,17 +252,21 @@ class SAELensSystem(System):
         trainer = self.trainer
         trainer.maybe_reset_sparsity()
         set_learning_rate(trainer.optimizer, lr)
+        self._lrs = [group["lr"] for group in trainer.optimizer.param_groups]  # its scheduler resets them after
         self._last = trainer.step(batch)
         trainer.n_training_steps += 1
 
     def last_l0(self) -> float:
         return float((self._last.feature_acts > 0).sum(dim=1).double().mean())
 
+    def config(self) -> dict:
+        return {"sae": self.sae.cfg.to_dict(), "trainer": self.trainer.cfg.__dict__}
+
     def steps_since_fired(self) -> Tensor:
         return self.trainer.n_forward_passes_since_fired.to(torch.int64).clone()
 
-    def optimizer_settings(self) -> dict:
-        return adam_settings(self.trainer.optimizer)
+    def optimizer_settings(self, lr: float) -> dict:
+        return adam_settings(self.trainer.optimizer, self.sae, lr, self._lrs)
 
     def finish(self, workdir: Path) -> None:
         from sae_lens import SAE
@@ -351,11 +377,14 @@ class AllocationSystem(System):
     def last_l0(self) -> float:
         return float(self._last.l0)
 
+    def config(self) -> dict:
+        return self.trainer.config.to_dict()
+
     def steps_since_fired(self) -> Tensor:
         return self.trainer.usage.tokens_since_fired // self.setup.batch_size
 
-    def optimizer_settings(self) -> dict:
-        return adam_settings(self.trainer.optimizer)
+    def optimizer_settings(self, lr: float) -> dict:
+        return adam_settings(self.trainer.optimizer, self.sae, lr)
 
     @torch.no_grad()
     def encode_eval(self, x: Tensor) -> tuple[Tensor, Tensor]:

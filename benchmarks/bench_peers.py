@@ -182,7 +182,8 @@ def system_result(system: System, training: dict, data: Data, setup: Setup) -> d
         "family": system.family,
         "rule": system.rule,
         "batch_rule": system.batch_rule,
-        "optimizer": system.optimizer_settings(),
+        "optimizer": system.optimizer_settings(setup.lr_at(setup.steps - 1)),
+        "config": json.loads(json.dumps(system.config(), default=str)),
         "as_trained": evaluate(system, data.evaluation),
         "as_trained_calibration_half": evaluate(system, data.calibration),
         "train_l0_last": training[system.name]["train_l0"][-1],
@@ -343,7 +344,8 @@ def describe_protocol(payload: dict) -> list[str]:
         f"Each peer is stepped as its own trainer steps it (sparsify: unit-norm decoder before each forward, FVU "
         f"loss, parallel-gradient removal; SAELens: `SAETrainer.step`, its class defaults such as "
         f"`rescale_acts_by_decoder_norm=True` and `decoder_init_norm=0.1`, inference via `save_inference_model` "
-        f"then `SAE.load_from_disk`). Defaults overridden: {overridden}.",
+        f"then `SAE.load_from_disk`). Defaults overridden: {overridden}. {optimizer_note(payload)} "
+        f"{allocation_defaults_note(payload)}",
         "",
         "FVU and L0 on the evaluation half, mean ± std over seeds. **As trained** = each system's own "
         "inference: TopK keeps k per token; allocation's batch rules use the thresholds learned in "
@@ -356,6 +358,39 @@ def describe_protocol(payload: dict) -> list[str]:
         "step time; ratios = median over steps of the per-step ratio (same step, same batch).",
         "",
     ]
+
+
+def optimizer_note(payload: dict) -> str:
+    """Which systems' Adam differs from the shared recipe (fused kernel, a group at another lr), from the JSON."""
+    notes: dict[str, list[str]] = {}
+    for name, result in payload["settings"][0]["runs"][0]["systems"].items():
+        adam = result["optimizer"]
+        parts = ["fused Adam"] if adam.get("fused") else []
+        parts += [f"{', '.join(g['parameters'])} at {g['lr_scale']:g}x the lr"
+                  for g in adam["groups"] if g["lr_scale"] is not None and abs(g["lr_scale"] - 1) > 1e-9]
+        if parts:
+            notes.setdefault(", ".join(parts), []).append(name)
+    if not notes:
+        return "Every system trains with the same Adam at the shared lr."
+    found = "; ".join(f"{', '.join(names)}: {what}" for what, names in notes.items())
+    return (f"Optimiser as read back from each system after its last step (its own defaults, kept): {found} "
+            f"(first setting, seed {payload['settings'][0]['runs'][0]['seed']}); the others: plain Adam at the "
+            "shared lr.")
+
+
+ALLOCATION_KEYS = ("decoder_lr_scale", "encoder_init_scale", "threshold_decay", "threshold_correction", "decode",
+                   "reduction")
+
+
+def allocation_defaults_note(payload: dict) -> str:
+    """allocation's own TrainConfig values in this run (its defaults, not set by the benchmark), from the JSON."""
+    systems = payload["settings"][0]["runs"][0]["systems"]
+    config = next((r["config"] for r in systems.values() if r["family"] == "allocation"), None)
+    if not config:
+        return ""
+    values = ", ".join(f"{key} = {config[key]:.4g}" if isinstance(config[key], float) else f"{key} = {config[key]}"
+                       for key in ALLOCATION_KEYS if key in config)
+    return f"allocation's own defaults in this run: {values}."
 
 
 def setting_table(setting: dict, n_seeds: int) -> list[str]:

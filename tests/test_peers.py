@@ -56,7 +56,11 @@ def test_adapter_trains_at_the_budget_and_lowers_the_fvu(name, data, tmp_path):
     system.finish(tmp_path / "trained")
     after = bench_peers.evaluate(system, data.evaluation)
     assert torch.isfinite(torch.tensor(after["fvu"])) and after["fvu"] < before
-    assert system.optimizer_settings()["betas"] == list(_peers.ADAM_BETAS)
+    adam = system.optimizer_settings(setup.lr_at(STEPS - 1))
+    assert adam["betas"] == list(_peers.ADAM_BETAS) and adam["eps"] == _peers.ADAM_EPS
+    assert sum(group["size"] for group in adam["groups"]) == sum(p.numel() for p in system.sae.parameters())
+    if cls.family != "allocation":  # allocation's own defaults may scale a group's lr (its W_dec)
+        assert all(group["lr_scale"] == pytest.approx(1.0) for group in adam["groups"])
     assert system.steps_since_fired().shape == (F,)
     x_hat, active = system.encode_eval(data.evaluation)
     assert x_hat.shape == data.evaluation.shape and active.shape == (data.evaluation.shape[0], F)
