@@ -445,7 +445,7 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--settings", default="16x1536,32x3072,8x768", help="KxF items (k, n_features)")
+    parser.add_argument("--settings", default="16x1536,8x768,32x3072", help="KxF items (k, n_features)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--batch-size", type=int, default=512)
