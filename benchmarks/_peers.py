@@ -436,20 +436,26 @@ OVERRIDDEN = {
     "sparsify": [
         "optimizer: Adam with the shared betas/eps (sparsify's TrainConfig default is signum; its Adam "
         "uses torch's eps 1e-8)",
+        "lr: the shared lr (sparsify's Adam default: 2e-4 / sqrt(F / 2^14))",
         "lr schedule: the shared warmup/constant/linear decay (sparsify: linear warmup over "
         "lr_warmup_steps = 1000, then linear decay to 0 over the whole run)",
         "gradient-norm clipping at 1 added (sparsify does not clip)",
         "b_dec at init: the shared geometric median (sparsify: the mean of the first batch)",
     ],
     "sae-lens": [
+        "lr: the shared lr (SAELens' default 3e-4)",
         "lr schedule: the shared one, written into the optimiser before each step (SAELens' scheduler "
-        "set to constant)",
+        "set to constant, its default, with no warmup or decay steps)",
         "Adam eps: the shared eps (SAELens: torch's default 1e-8)",
         "b_dec at init: the shared geometric median (SAELens: zeros)",
         "aux_loss_coefficient = 0 (default 1.0; its dead-feature window of 1000 steps is longer "
         "than these runs, so the aux loss would be 0 anyway)",
     ],
-    "allocation": ["aux = 'none' (default 'k'); lr, warmup, decay, clipping: the shared recipe"],
+    "allocation": [
+        "aux = 'none' (default 'k')",
+        "lr: the shared lr (default 2e-4 / sqrt(F / 2^14)); warmup, decay, clipping: the shared recipe "
+        "(the same values as its defaults)",
+    ],
 }
 
 
