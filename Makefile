@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,notebooks,real
 
-.PHONY: install test test-fast demo lint bench bench-peers test-peers notebooks clean
+.PHONY: install test test-fast test-interop demo lint bench bench-peers test-peers notebooks clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,20 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -x -m "not slow"
 
+# The SAELens export against the real SAELens, in its own venv (make test never installs sae-lens).
+INTEROP_VENV ?= .venv-interop
+SAELENS_SPEC ?= sae-lens==6.54.12
+
+$(INTEROP_VENV)/.installed: pyproject.toml Makefile
+	test -x $(INTEROP_VENV)/bin/python || $(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	echo "$(TORCH_SPEC)" > $(INTEROP_VENV)/constraints.txt
+	$(INTEROP_VENV)/bin/python -m pip install -q -c $(INTEROP_VENV)/constraints.txt -e ".[dev]" "$(SAELENS_SPEC)"
+	touch $@
+
+test-interop: $(INTEROP_VENV)/.installed
+	$(INTEROP_VENV)/bin/python -m pytest -q -rs tests/test_saelens_interop.py
+
 lint: install
 	$(PY) -m ruff check allocation tests benchmarks
 
@@ -33,7 +47,7 @@ demo: install
 	$(VENV)/bin/allocation train --rule topk,feature-choice,mutual-choice --data minilm \
 		--data-option n_tokens=50000 --data-option progress=true --k 16 --n-features 1536 --aux zipf \
 		--tokens 122880 --batch-size 512 --lr 2e-3 --metrics-every 40 --threads 1 \
-		--out runs/demo --plot runs/demo/comparison.png
+		--out runs/demo --overwrite --plot runs/demo/comparison.png
 
 # Every benchmark (JSON in benchmarks/results/), then the README's performance section from them.
 bench: install
@@ -69,4 +83,4 @@ notebooks: install
 	done
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(INTEROP_VENV) $(PEERS_VENV) .pytest_cache .hypothesis build *.egg-info

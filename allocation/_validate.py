@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import numpy as np
 
 from .errors import AllocationError
@@ -15,6 +18,10 @@ except ImportError:  # pragma: no cover
 def check_scores_numpy(scores, name: str = "scores") -> np.ndarray:
     """Return ``scores`` as a finite float64 (n, F) array, or raise naming the problem."""
     if torch is not None and isinstance(scores, torch.Tensor):
+        if scores.is_complex():
+            raise AllocationError(
+                f"{name} must be a real numeric matrix, got a {scores.dtype} tensor; pass .real or .abs()"
+            )
         scores = scores.detach().to("cpu", dtype=torch.float64).numpy()
     array = np.asarray(scores)
     if array.dtype.kind not in "biuf":
@@ -55,3 +62,51 @@ def _check_shape_and_values(shape, values_finite, name: str) -> None:
         raise AllocationError(f"{name} is empty (shape {tuple(shape)}); pass at least one token and one feature")
     if not values_finite():
         raise AllocationError(f"{name} contains NaN or inf; clean the encoder output before allocating")
+
+
+def check_device(name, option: str = "--device") -> "torch.device":
+    """``name`` as a torch device that exists here, or AllocationError naming ``option`` and the fix."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise AllocationError(
+            f"{option} {name!r} is not a torch device ({error}); use e.g. cpu, cuda or cuda:1"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AllocationError(
+                f"{option} {name!r}: CUDA is not available here (torch {torch.__version__}); use cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise AllocationError(
+                f"{option} {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise AllocationError(f"{option} {name!r}: MPS is not available here; use cpu")
+    return device
+
+
+def available_memory_bytes() -> Optional[int]:
+    """Memory this process may still use: MemAvailable (Linux), else total physical memory, else None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return None
+
+
+def check_fits_in_memory(needed_bytes: int, what: str, fix: str) -> None:
+    """Refuse work that needs more memory than is available, naming how much it needs."""
+    available = available_memory_bytes()
+    if available is not None and needed_bytes > available:
+        raise AllocationError(
+            f"{what} needs about {needed_bytes / 2**30:.1f} GiB of memory, but only "
+            f"{available / 2**30:.1f} GiB is available; {fix}"
+        )

@@ -5,7 +5,10 @@ The allocation problem they define is
     max_M  sum_ij S_ij M_ij   s.t.  M 1 <= k,  M^T 1 <= m,  1^T M 1 <= B,  M in {0,1}^{n x F}.
 
 Any cap may be absent (None = infinite). Caps are non-negative integers; a scalar cap applies to
-every token (or feature), a vector gives one cap each.
+every token (or feature), a vector gives one cap each. A cap larger than a matrix can use (a token
+cap above F, a feature cap above n, a budget above n F) means "no cap" for that matrix: ``resolve``
+clips it to that bound, which leaves the constraint set unchanged, so any size (2**63, 10**20) works
+with every solver.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ except ImportError:  # pragma: no cover
     torch = None
 
 CapLike = Union[int, np.ndarray, "torch.Tensor", list, tuple, None]
+UNLIMITED = 2**62  # vector entries above this are stored as this (no matrix has 2**62 rows or columns)
 
 
 def _as_cap(value: CapLike, name: str) -> Union[int, np.ndarray, None]:
@@ -43,6 +47,10 @@ def _as_cap(value: CapLike, name: str) -> Union[int, np.ndarray, None]:
     if torch is not None and isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     array = np.asarray(value)
+    if array.dtype == object and array.ndim == 1 and all(
+        isinstance(v, Integral) and not isinstance(v, bool) for v in array
+    ):  # Python ints beyond int64 (e.g. [1, 10**30]): unlimited for any matrix
+        array = np.array([min(int(v), UNLIMITED) if v >= 0 else -1 for v in array], dtype=np.int64)
     if array.dtype.kind not in "iuf":
         raise AllocationError(f"{name} must hold finite integers, got {type(value).__name__} {value!r}")
     if array.ndim == 0:
@@ -55,22 +63,25 @@ def _as_cap(value: CapLike, name: str) -> Union[int, np.ndarray, None]:
         raise AllocationError(f"{name} must hold integers; round the capacities before passing them")
     if np.any(array < 0):
         raise AllocationError(f"{name} must be >= 0 everywhere; found {array.min()}")
-    array = array.astype(np.int64)
+    array = np.minimum(array, UNLIMITED).astype(np.int64)  # int64-safe; still unlimited for any matrix
     array.setflags(write=False)
     return array
 
 
-def _expand(cap: Union[int, np.ndarray, None], length: int, name: str, axis: str) -> Optional[np.ndarray]:
+def _expand(
+    cap: Union[int, np.ndarray, None], length: int, name: str, axis: str, most: int
+) -> Optional[np.ndarray]:
+    """``cap`` as one int64 per token (or feature), clipped to ``most``, the largest usable value."""
     if cap is None:
         return None
     if isinstance(cap, int):
-        return np.full(length, cap, dtype=np.int64)
+        return np.full(length, min(cap, most), dtype=np.int64)
     if cap.shape[0] != length:
         raise AllocationError(
             f"{name} has length {cap.shape[0]} but scores have {length} {axis}; "
             f"pass one cap per {axis[:-1]} or a single int"
         )
-    return cap
+    return np.minimum(cap, most) if np.any(cap > most) else cap
 
 
 @dataclass(frozen=True)
@@ -140,13 +151,17 @@ class Constraints:
         return self.per_token is None or self.per_feature is None
 
     def resolve(self, n_tokens: int, n_features: int) -> ResolvedCaps:
-        """Expand scalar caps to vectors for an (n_tokens, n_features) score matrix."""
+        """Expand scalar caps to vectors for an (n_tokens, n_features) score matrix.
+
+        Caps above what the matrix can use are clipped to it (a token cap to F, a feature cap to n,
+        the budget to n F): the same constraint set, in numbers every backend handles.
+        """
         return ResolvedCaps(
             n_tokens=n_tokens,
             n_features=n_features,
-            per_token=_expand(self.per_token, n_tokens, "per_token", "tokens"),
-            per_feature=_expand(self.per_feature, n_features, "per_feature", "features"),
-            total=self.total,
+            per_token=_expand(self.per_token, n_tokens, "per_token", "tokens", n_features),
+            per_feature=_expand(self.per_feature, n_features, "per_feature", "features", n_tokens),
+            total=None if self.total is None else min(self.total, n_tokens * n_features),
         )
 
     def __repr__(self) -> str:

@@ -39,32 +39,33 @@ def select_top(scores: Tensor, count: Union[int, Tensor], dim: Optional[int]) ->
     return _selection.select_top_plain(scores, count, dim)
 
 
-def _cap_for_torch(cap: CapLike, name: str, length: int, axis: str) -> Union[int, Tensor]:
-    """A validated cap (required) as an int, or as an int64 tensor of the right length."""
+def _cap_for_torch(cap: CapLike, name: str, length: int, axis: str, most: int) -> Union[int, Tensor]:
+    """A validated cap (required) as an int, or as an int64 tensor of the right length; caps above
+    ``most`` (what the matrix can use) are clipped to it, which changes no mask."""
     validated = _as_cap(cap, name)
     if validated is None:
         raise AllocationError(f"{name} is required, got None")
     if isinstance(validated, int):
-        return validated
-    return _as_count(_expand(validated, length, name, axis))
+        return min(validated, most)
+    return _as_count(_expand(validated, length, name, axis, most))
 
 
 def topk(scores: Tensor, k: Cap) -> Tensor:
     """TopK mask: max <S, M> s.t. M 1 <= k (each token keeps its k largest positive scores)."""
     check_scores_torch(scores)
-    return select_top(scores, _cap_for_torch(k, "k", scores.shape[0], "tokens"), dim=1)
+    return select_top(scores, _cap_for_torch(k, "k", scores.shape[0], "tokens", scores.shape[1]), dim=1)
 
 
 def feature_choice(scores: Tensor, m: Cap) -> Tensor:
     """Feature Choice mask: max <S, M> s.t. M^T 1 <= m (feature j keeps its m_j best tokens)."""
     check_scores_torch(scores)
-    return select_top(scores, _cap_for_torch(m, "m", scores.shape[1], "features"), dim=0)
+    return select_top(scores, _cap_for_torch(m, "m", scores.shape[1], "features", scores.shape[0]), dim=0)
 
 
 def mutual_choice(scores: Tensor, total: int) -> Tensor:
     """Mutual Choice mask: max <S, M> s.t. 1^T M 1 <= total (the largest positive entries)."""
     check_scores_torch(scores)
-    return select_top(scores, _cap_for_torch(total, "total", 1, "budgets"), dim=None)
+    return select_top(scores, _cap_for_torch(total, "total", 1, "budgets", scores.numel()), dim=None)
 
 
 def allocate(scores: Tensor, constraints: Constraints) -> Tensor:

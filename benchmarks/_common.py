@@ -64,3 +64,25 @@ def write_result(name: str, device: torch.device, payload: dict) -> Path:
     path = RESULTS / f"{name}_{device_label(device)}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def write_marked_section(text: str, start: str, end: str, readme: Path = README) -> bool:
+    """Replace what lies between the ``start`` and ``end`` markers of ``readme`` by ``text``.
+
+    Written to a temporary file and renamed over the README; returns False (README unchanged) when
+    the markers are missing or out of order.
+    """
+    if not readme.exists():
+        return False
+    content = readme.read_text()
+    if start not in content or end not in content or content.index(start) > content.index(end):
+        return False
+    before, rest = content.split(start, 1)
+    after = rest.split(end, 1)[1]
+    temporary = readme.with_name(readme.name + ".tmp")
+    temporary.write_text(f"{before}{start}\n{text.rstrip()}\n{end}{after}")
+    temporary.replace(readme)
+    return True

@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _common  # noqa: E402
+
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -288,13 +291,7 @@ def write_section(text: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "README_section.md").write_text(text)
     print(f"wrote {RESULTS / 'README_section.md'}")
-    if not README.exists():
-        return
-    readme = README.read_text()
-    if START in readme and END in readme and readme.index(START) < readme.index(END):
-        before, rest = readme.split(START, 1)
-        after = rest.split(END, 1)[1]
-        README.write_text(f"{before}{START}\n{text}{END}{after}")
+    if _common.write_marked_section(text, START, END, README):
         print(f"updated the performance section of {README}")
     else:
         print(f"{README} has no {START} ... {END} markers: left unchanged")

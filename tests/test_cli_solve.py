@@ -54,3 +54,16 @@ def test_installed_entry_point_runs():
     )
     assert result.returncode == 0, result.stderr
     assert "torch rule: objective" in result.stdout
+
+
+def test_issue11_a_matrix_that_cannot_fit_is_refused_naming_the_memory(capsys):
+    """Issue 11.5: --random 100000x100000 died with numpy's _ArrayMemoryError (74.5 GiB)."""
+    assert main(["solve", "--random", "100000x100000", "--topk", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "needs about" in err and "GiB" in err and "available" in err
+
+
+def test_issue11_a_directory_is_named_as_such(tmp_path, capsys):
+    """Issue 11.10: `allocation solve DIR` said the file 'does not exist'."""
+    assert main(["solve", str(tmp_path), "--topk", "1"]) == 2
+    assert "is a directory" in capsys.readouterr().err

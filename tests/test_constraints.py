@@ -64,3 +64,11 @@ def test_equality_and_repr():
     assert Constraints.topk([1, 2]) == Constraints(per_token=np.array([1, 2]))
     assert Constraints.topk(1) != Constraints.feature_choice(1)
     assert "per_token=vector(len=2" in repr(Constraints.topk([1, 2]))
+
+
+def test_resolve_clips_caps_to_what_the_matrix_can_use():
+    """Issue 11.6: caps above n, F or n F mean 'no cap'; resolve clips them (same constraint set)."""
+    caps = Constraints(per_token=2**63, per_feature=[1, 10**30, 4], total=10**20).resolve(4, 3)
+    assert caps.per_token.tolist() == [3, 3, 3, 3]
+    assert caps.per_feature.tolist() == [1, 4, 4]
+    assert caps.total == 12

@@ -182,3 +182,38 @@ def test_prices_scale_with_the_scores():
     base, scaled = solve(scores, constraints), solve(1e6 * scores, constraints)
     assert np.array_equal(base.mask, scaled.mask)
     _check_certificate(1e6 * scores, constraints, scaled)
+
+
+HUGE_CAPS = [
+    Constraints.topk(2**63),
+    Constraints.feature_choice(2**63),
+    Constraints(per_token=2**63, per_feature=10**30),
+    Constraints(per_token=2, per_feature=2**64, total=10**20),
+    Constraints.mutual_choice(10**20),
+    Constraints.topk(np.full(5, 2**64 - 1, dtype=np.uint64)),
+    Constraints.feature_choice(np.full(7, 1e30)),
+]
+
+
+@pytest.mark.parametrize("constraints", HUGE_CAPS, ids=repr)
+def test_issue11_huge_caps_mean_no_cap_in_every_backend(constraints):
+    """Issue 11.6: topk(2**63) raised OverflowError everywhere (allocate too); mutual_choice(10**20)
+    was a HiGHS 'Status 4' SolverError while the other backends returned the optimum."""
+    from allocation.rules import allocate
+
+    scores = np.random.default_rng(11).standard_normal((5, 7))
+    finite = constraints.resolve(5, 7)  # the same constraint set with caps the matrix can use
+    assert finite.total is None or finite.total <= 35
+    expected = solve(scores, Constraints(finite.per_token, finite.per_feature, finite.total)).objective
+    for backend in ("scipy", "cvxpy", "milp", "torch"):
+        assert solve(scores, constraints, backend=backend).objective == pytest.approx(expected, abs=1e-9)
+    if constraints.greedy_exact:
+        mask = allocate(torch.from_numpy(scores), constraints).numpy()
+        assert float(scores[mask].sum()) == pytest.approx(expected, abs=1e-9)
+
+
+def test_issue11_complex_torch_scores_are_refused_like_complex_numpy():
+    """Issue 11.7: a complex tensor was solved on its real part (only torch's cast warning)."""
+    for scores in (torch.ones(2, 3, dtype=torch.complex64), np.ones((2, 3), dtype=complex)):
+        with pytest.raises(AllocationError, match="real numeric matrix"):
+            solve(scores, Constraints.topk(1))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .._validate import check_device
 from ..errors import AllocationError
 from ..timing import time_kernels
 from ._shapes import parse_shape
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise AllocationError(f"--k must be in [1, n_features={n_features}], got {args.k}")
     if args.repeats < 1 or args.naive_repeats < 0:
         raise AllocationError("--repeats must be >= 1 and --naive-repeats >= 0")
-    device = _device(args.device)
+    device = check_device(args.device)
     if args.threads is not None:
         if args.threads < 1:
             raise AllocationError(f"--threads must be >= 1, got {args.threads}")
@@ -101,13 +102,3 @@ def _ratio(times: list[float], reference: list[float]) -> float:
     if len(times) == len(reference):
         return statistics.median(a / b for a, b in zip(times, reference, strict=True))
     return statistics.median(times) / statistics.median(reference)
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise AllocationError(f"--device {name!r} is not a torch device: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AllocationError(f"--device {name!r}: CUDA is not available here; use --device cpu")
-    return device

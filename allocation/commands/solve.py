@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._validate import check_fits_in_memory
 from ..constraints import Constraints
 from ..errors import AllocationError
 from ..exact import BACKENDS, Allocation, solve
@@ -15,6 +16,9 @@ from ..rules import allocate
 from ._shapes import parse_shape
 
 LARGEST_PRINTED_MASK = (16, 48)
+# Rough peak memory per matrix entry: float64 scores and their scaled copy, masks, and the LP over
+# the positive entries (indices, constraint matrix, HiGHS' own copies).
+BYTES_PER_ENTRY = 64
 
 
 def register(subparsers) -> None:
@@ -36,9 +40,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    scores = _random_scores(args.random, args.seed) if args.random else _read_scores(args.scores)
     if args.topk is None and args.feature_choice is None and args.mutual_choice is None:
         raise AllocationError("give at least one of --topk K, --feature-choice M, --mutual-choice B")
+    scores = _random_scores(args.random, args.seed) if args.random else _read_scores(args.scores)
+    _check_fits(*scores.shape, "solving it")
     constraints = Constraints(per_token=args.topk, per_feature=args.feature_choice, total=args.mutual_choice)
     exact = solve(scores, constraints, backend=args.backend)
     rule_mask = allocate(torch.from_numpy(scores), constraints).numpy()
@@ -48,10 +53,21 @@ def run(args: argparse.Namespace) -> int:
 
 def _random_scores(shape: str, seed: int) -> np.ndarray:
     n_tokens, n_features = parse_shape(shape, "--random", example="8x16")
+    _check_fits(n_tokens, n_features, f"--random {n_tokens}x{n_features}")
     return np.random.default_rng(seed).standard_normal((n_tokens, n_features))
 
 
+def _check_fits(n_tokens: int, n_features: int, what: str) -> None:
+    check_fits_in_memory(
+        n_tokens * n_features * BYTES_PER_ENTRY,
+        f"{what} ({n_tokens} x {n_features} = {n_tokens * n_features:.3g} entries)",
+        "pass a smaller matrix",
+    )
+
+
 def _read_scores(path: Path) -> np.ndarray:
+    if path.is_dir():
+        raise AllocationError(f"scores file {str(path)!r} is a directory; pass the .npy or .csv file inside it")
     if not path.is_file():
         raise AllocationError(f"scores file {str(path)!r} does not exist; pass a .npy or .csv path")
     try:

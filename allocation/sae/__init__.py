@@ -6,7 +6,7 @@ summary = Trainer(TrainConfig(rule="mutual-choice", k=32, aux="zipf"), "syntheti
 """
 
 from .calibration import calibrate_thresholds, calibrated_copy
-from .checkpoint import CheckpointError, export_saelens, load_checkpoint, load_sae, save_sae
+from .checkpoint import CheckpointError, load_checkpoint, load_sae, save_sae
 from .data import ActivationSource, ArraySource, load_activations
 from .losses import aux_k_loss, aux_zipf_loss, fvu, mse_loss, normalized_mse, zipf_targets
 from .metrics import FeatureUsage, evaluate
@@ -21,9 +21,18 @@ from .model import (
     geometric_median,
     make_rule,
 )
+from .rundir import RunDirectoryError
+from .saelens import export_saelens
 from .sparse import SparseCode, decode_dense, decode_sparse
 from .synthetic import SyntheticSource, feature_recovery
-from .train import StepResult, TrainConfig, Trainer, TrainingDivergedError, train
+from .train import (
+    StepResult,
+    TrainConfig,
+    Trainer,
+    TrainingDivergedError,
+    TrainingExplodedWarning,
+    train,
+)
 
 __all__ = [
     "ActivationSource",
@@ -32,6 +41,7 @@ __all__ = [
     "FeatureChoice",
     "FeatureUsage",
     "MutualChoice",
+    "RunDirectoryError",
     "SAEOutput",
     "SparseAutoencoder",
     "SparseCode",
@@ -41,6 +51,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "TrainingDivergedError",
+    "TrainingExplodedWarning",
     "aux_k_loss",
     "calibrate_thresholds",
     "calibrated_copy",

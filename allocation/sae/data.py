@@ -181,12 +181,14 @@ def load_activations(spec: Spec, **kwargs: Any) -> ActivationSource:
     if isinstance(spec, str) and spec == "synthetic":
         from .synthetic import SyntheticSource
 
+        _reject_unknown(kwargs, keyword_names(SyntheticSource), "the synthetic source")
         options = {"d_in": 64, "n_true_features": 256}
         options.update(kwargs)
         return SyntheticSource(**options)
     if isinstance(spec, str) and spec == "minilm":
         from .minilm import minilm_activations
 
+        _reject_unknown(kwargs, keyword_names(minilm_activations), "the minilm source")
         return minilm_activations(**kwargs)
     if isinstance(spec, (np.ndarray, Tensor)):
         _reject_unknown(kwargs, ("heldout_fraction",), "an in-memory array")
@@ -432,3 +434,14 @@ def _reject_unknown(kwargs: Mapping[str, Any], allowed: tuple, what: str) -> Non
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise AllocationError(f"options {unknown} do not apply to {what}; allowed: {list(allowed)}")
+
+
+def keyword_names(function: Any) -> tuple:
+    """The keyword arguments ``function`` (or a class's ``__init__``) accepts, in signature order."""
+    import inspect
+
+    return tuple(
+        name
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY) and name != "self"
+    )

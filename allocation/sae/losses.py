@@ -104,11 +104,11 @@ def aux_k_loss(
     """alpha min(n_dead/k_aux, 1) R(||e_hat - e||^2)/R(||e - mean e||^2), e_hat from top-k_aux dead pre-acts.
 
     pre: (n, F) affinities; residual: (n, d) e = x - x_hat (detached here); W_dec: (F, d);
-    dead: (F,) bool. k_aux defaults to d // 2. Returns 0 (with a graph) when no feature is dead.
+    dead: (F,) bool. k_aux defaults to d // 2. Returns 0 (no graph) when no feature is dead.
     """
     k_aux = _check_k_aux(k_aux, residual.shape[-1])
     if not bool(dead.any()):
-        return pre.sum() * 0.0
+        return pre.new_zeros(())  # no graph: a zero gradient would make the encoder backward dense
     mask, scale = aux_k_selection(pre, dead, k_aux)
     return coefficient * scale * _residual_reconstruction_loss(pre, mask, residual, W_dec, reduction, sparse)
 
@@ -224,5 +224,5 @@ def aux_zipf_loss(
     k_aux = _check_k_aux(k_aux, residual.shape[-1])
     mask, scale = aux_zipf_selection(pre, active, usage, budget, k_aux, s=s, cap=cap)
     if scale == 0.0:
-        return pre.sum() * 0.0
+        return pre.new_zeros(())  # no graph: a zero gradient would make the encoder backward dense
     return coefficient * scale * _residual_reconstruction_loss(pre, mask, residual, W_dec, reduction, sparse)

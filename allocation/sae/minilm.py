@@ -360,7 +360,9 @@ def minilm_activations(
     name = f"MiniLM activations {str(path)!r}"
     if not rebuild and sidecar_for(path).exists() and path.exists():
         array, sidecar = read_memmap(path, name)
-        return ArraySource(array, heldout_fraction=heldout_fraction, name=name, metadata=sidecar)
+        return ArraySource(
+            array, heldout_fraction=heldout_fraction, name=name, metadata=_with_hook(sidecar, layer)
+        )
 
     windows = token_windows(texts, tokenizer, n_tokens, max_length, keep_special_tokens)
     available = sum(len(window) - (0 if keep_special_tokens else 2) for window in windows)
@@ -411,7 +413,22 @@ def minilm_activations(
         extraction_seconds=round(seconds, 2),
     )
     array, sidecar = read_memmap(path, name)
-    return ArraySource(array, heldout_fraction=heldout_fraction, name=name, metadata=sidecar)
+    return ArraySource(
+        array, heldout_fraction=heldout_fraction, name=name, metadata=_with_hook(sidecar, layer)
+    )
+
+
+def hook_name(layer: int) -> str:
+    """The TransformerLens hook (BERT, ``HookedEncoder``) of the hidden state after block ``layer``.
+
+    HF's ``hidden_states[layer]`` is block ``layer - 1``'s output after its final LayerNorm, i.e.
+    ``blocks.{layer-1}.hook_normalized_resid_post``; layer 0 is the embeddings, ``hook_full_embed``.
+    """
+    return "hook_full_embed" if layer == 0 else f"blocks.{layer - 1}.hook_normalized_resid_post"
+
+
+def _with_hook(sidecar: dict, layer: int) -> dict:
+    return {**sidecar, "hook_name": hook_name(int(layer))}
 
 
 def _package_version(module_name: str) -> str:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._masks import count_selected
+from .encoder import gather_kept
 
 
 @dataclass
@@ -51,7 +52,7 @@ class SparseCode:
         return cls(
             token_index,
             feature_index,
-            scores[token_index, feature_index],
+            gather_kept(scores, token_index, feature_index),
             offsets,
             counts,
             int(scores.shape[1]),

@@ -16,22 +16,20 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .._validate import all_finite, check_device
 from ..errors import AllocationError
+from .atomic import resolve_published, write_file
 from .calibration import calibrated_copy
-from .checkpoint import (
-    _json_bytes,
-    _write_file,
-    export_saelens,
-    load_checkpoint,
-    save_checkpoint,
-)
+from .checkpoint import STATE_JSON, json_bytes, load_checkpoint, save_checkpoint
 from .data import ActivationSource, load_activations
 from .losses import REDUCTIONS, aux_k_loss, aux_zipf_loss, normalized_mse
 from .metrics import FeatureUsage, MetricsWindow, evaluate
@@ -44,8 +42,12 @@ from .model import (
     default_learning_rate,
     make_rule,
 )
+from .rundir import RunDirectory
+from .saelens import export_saelens, metadata_from_source
 
 AUX_NAMES = ("none", "k", "zipf")
+EXPLODED_FVU = 10.0  # a train or eval FVU above this (10x worse than predicting the mean) is an explosion
+RESUMABLE_CHANGES = ("tokens", "device", "checkpoint_every")  # may differ from the checkpoint on resume
 
 DECODER_LR_SCALE = 3.0
 """W_dec's Adam learning rate relative to the other parameters'. Unit-norm decoder rows move slowly
@@ -66,7 +68,12 @@ def adam(groups: list, lr: float) -> torch.optim.Adam:
 
 
 class TrainingDivergedError(AllocationError):
-    """The loss (or the gradient norm) became NaN or inf; the step was not applied."""
+    """The loss or the gradient norm became NaN or inf (the step was not applied), or a step left
+    non-finite parameters or a zero decoder row (nothing from that step is saved)."""
+
+
+class TrainingExplodedWarning(RuntimeWarning):
+    """The run finished but its loss exploded (FVU above EXPLODED_FVU): its SAE is not usable."""
 
 
 @dataclass
@@ -148,6 +155,16 @@ class TrainConfig:
             )
         if self.checkpoint_every < 0:
             raise AllocationError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.warmup_steps is not None and (
+            isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
+        ):
+            raise AllocationError(
+                f"warmup_steps must be an integer >= 0 (or None for the default), got {self.warmup_steps!r}"
+            )
+        if not (isinstance(self.zipf_s, (int, float)) and math.isfinite(self.zipf_s) and self.zipf_s >= 0):
+            raise AllocationError(
+                f"zipf_s must be a finite number >= 0 (0: uniform targets, 1: Zipf's law), got {self.zipf_s!r}"
+            )
 
     @property
     def steps(self) -> int:
@@ -197,6 +214,11 @@ class StepResult:
 class Trainer:
     """Owns the SAE, the optimizer, the usage counters and the run directory.
 
+    ``out`` (optional) is checked at once (``allocation.sae.rundir``): it must be writable, and a
+    fresh run refuses one that is not empty unless ``overwrite=True`` (which replaces the run's own
+    files when training starts); ``Trainer.resume(out)`` continues the run there. Writes hold the
+    directory's lock.
+
     Benchmark API: ``Trainer(config, data)`` then ``train_step(batch)`` on (batch_size, d_in)
     tensors; ``sae.decode_mode`` ('sparse' / 'dense' / 'auto') picks the decoder path.
     """
@@ -208,10 +230,13 @@ class Trainer:
         *,
         out: Union[str, Path, None] = None,
         sae: Optional[SparseAutoencoder] = None,
+        overwrite: bool = False,
     ) -> None:
         if not isinstance(config, TrainConfig):
             raise AllocationError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.config = config
+        self.device = check_device(config.device, "device")
+        self._attach(out, fresh=True, overwrite=overwrite)  # before any work: refuse a busy or bad --out
         if data is None:
             data = config.data
         elif isinstance(data, (str, Path)):
@@ -219,7 +244,6 @@ class Trainer:
         else:
             config.data = "<array>"
         self.source = load_activations(data, **config.data_options)
-        self.out = Path(out) if out is not None else None
         if sae is None:
             rule = make_rule(config.rule, config.k)
             sae = SparseAutoencoder(
@@ -239,12 +263,6 @@ class Trainer:
             raise AllocationError(
                 f"the SAE has n_features={sae.n_features} but the config has n_features={config.n_features}"
             )
-        try:
-            self.device = torch.device(config.device)
-        except (RuntimeError, TypeError) as error:
-            raise AllocationError(
-                f"device must be a torch device such as 'cpu' or 'cuda', got {config.device!r}"
-            ) from error
         self.sae = sae.to(self.device)
         groups = [
             {"params": [sae.W_dec], "lr_scale": float(config.decoder_lr_scale)},
@@ -257,6 +275,45 @@ class Trainer:
         self.step = 0
         self.history: list = []
         self.elapsed = 0.0
+
+    # ------------------------------------------------------------------------------- the run directory
+    def _attach(self, out: Union[str, Path, None], *, fresh: bool, overwrite: bool = False) -> None:
+        """Use ``out`` as the run directory: writable, and (fresh run) empty unless ``overwrite``."""
+        self.out = Path(out) if out is not None else None
+        self.rundir = RunDirectory(self.out) if self.out is not None else None
+        self._pending_fresh: Optional[str] = None
+        if self.rundir is None:
+            return
+        self.rundir.check_writable()
+        if fresh:
+            if not overwrite:
+                self.rundir.check_fresh(self._describe_existing_run)
+            self._pending_fresh = "overwrite" if overwrite else "check"
+
+    def _describe_existing_run(self) -> Optional[str]:
+        checkpoint = resolve_published(self.out / "checkpoint")
+        if checkpoint is None:
+            return None
+        try:
+            step = int(json.loads((checkpoint / STATE_JSON).read_text())["step"])
+            steps = TrainConfig.from_dict(json.loads((checkpoint / "cfg.json").read_text())["train"]).steps
+        except Exception:  # only for the message: an unreadable checkpoint is still 'a run'
+            return "a run's checkpoint"
+        return f"a run (checkpoint at step {step} of {steps})"
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the run directory's writer lock; a fresh run checks (or clears) the directory first."""
+        if self.rundir is None:
+            yield
+            return
+        with self.rundir.locked():
+            if self._pending_fresh == "overwrite":
+                self.rundir.clear_run()
+            elif self._pending_fresh == "check":
+                self.rundir.check_fresh(self._describe_existing_run)
+            self._pending_fresh = None
+            yield
 
     # ------------------------------------------------------------------------------- one step
     def aux_loss(self, batch: Tensor, out: SAEOutput) -> Tensor:
@@ -310,8 +367,8 @@ class Trainer:
             ) from None
         main, aux = self.losses(batch, out)
         loss = main + aux
-        if not bool(torch.isfinite(loss)):
-            raise TrainingDivergedError(self._diverged_message("the loss", float(loss)))
+        if not bool(torch.isfinite(loss.detach())):
+            raise TrainingDivergedError(self._diverged_message("the loss", float(loss.detach())))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_gradient()
@@ -320,6 +377,7 @@ class Trainer:
             raise TrainingDivergedError(self._diverged_message("the gradient norm", float(grad_norm)))
         self.optimizer.step()
         sae.normalize_decoder()
+        self._check_parameters()
         sae.update_thresholds(out.pre.detach(), out.mask, out.code)
         l0_per_token, fired = out.l0, out.fired
         self.usage.record(fired, batch.shape[0])
@@ -329,15 +387,36 @@ class Trainer:
         l0 = float(l0_per_token.sum()) / batch.shape[0]
         return StepResult(self.step, loss_value, main_value, aux_value, l0, lr)
 
-    def _diverged_message(self, what: str, value: float) -> str:
+    def parameter_problem(self) -> Optional[str]:
+        """What is wrong with the SAE's parameters (non-finite, a zero decoder row), or None."""
+        sae = self.sae
+        for name, tensor in list(sae.named_parameters()) + list(sae.named_buffers()):
+            if tensor.is_floating_point() and not all_finite(tensor):
+                return f"{name} holds NaN or inf"
+        with torch.no_grad():
+            smallest = float(sae.W_dec.norm(dim=1).min())
+        if not smallest > 0:
+            return "a decoder row (W_dec) has zero norm"
+        return None
+
+    def _check_parameters(self) -> None:
+        problem = self.parameter_problem()
+        if problem is not None:
+            raise TrainingDivergedError(
+                self._diverged_message(f"after the optimiser step, {problem}", None, applied=True)
+            )
+
+    def _diverged_message(self, what: str, value: Optional[float], *, applied: bool = False) -> str:
         where = (
             f"the last good checkpoint in {str(self.out / 'checkpoint')!r} is intact"
-            if self.out is not None and (self.out / "checkpoint").exists()
+            if self.out is not None and resolve_published(self.out / "checkpoint") is not None
             else "no checkpoint was written"
         )
+        became = what if value is None else f"{what} became {value}"
+        stopped = "nothing from this step was saved" if applied else "training stopped before applying it"
         return (
-            f"{what} became {value} at step {self.step} (token {self.step * self.config.batch_size}); "
-            f"training stopped before applying it and {where}. "
+            f"{became} at step {self.step} (token {self.step * self.config.batch_size}); "
+            f"{stopped} and {where}. "
             f"Lower --lr (now {self.config.learning_rate:.3g}) "
             "or check the data's scale"
         )
@@ -350,7 +429,14 @@ class Trainer:
         stop_at_step: Optional[int] = None,
         on_metrics: Optional[Callable[[dict], None]] = None,
     ) -> dict:
-        """Train until ``config.steps`` (or ``stop_at_step``, then checkpoint); returns the summary."""
+        """Train until ``config.steps`` (or ``stop_at_step``, then checkpoint); returns the summary.
+
+        Holds the run directory's lock throughout (another process writing it is refused).
+        """
+        with self._locked():
+            return self._run(progress, stop_at_step, on_metrics)
+
+    def _run(self, progress: bool, stop_at_step: Optional[int], on_metrics) -> dict:
         cfg = self.config
         last = cfg.steps if stop_at_step is None else min(stop_at_step, cfg.steps)
         bar = None
@@ -366,6 +452,21 @@ class Trainer:
                 dynamic_ncols=True,
             )
         batches = self.source.batches(cfg.batch_size, seed=cfg.seed, start_batch=self.step)
+        if self.out is not None and self.step < last:
+            # summary.json describes a finished state this run is about to change (e.g. a resume with
+            # more --tokens): remove it, so that its presence always means 'finished, export current'
+            (self.out / "summary.json").unlink(missing_ok=True)
+        try:
+            self._train_until(last, batches, bar, on_metrics)
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.step < cfg.steps:
+            return {"stopped_at_step": self.step}
+        return self.finish()
+
+    def _train_until(self, last: int, batches, bar, on_metrics) -> None:
+        cfg = self.config
         started = time.perf_counter()
         try:
             while self.step < last:
@@ -383,12 +484,7 @@ class Trainer:
                     started = time.perf_counter()
                     self.save()
         finally:
-            if bar is not None:
-                bar.close()
-        self.elapsed += time.perf_counter() - started
-        if self.step < cfg.steps:
-            return {"stopped_at_step": self.step}
-        return self.finish()
+            self.elapsed += time.perf_counter() - started
 
     def _report(self, started: float, on_metrics: Optional[Callable[[dict], None]]) -> None:
         cfg = self.config
@@ -404,12 +500,21 @@ class Trainer:
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             lines = "".join(json.dumps(entry) + "\n" for entry in self.history)
-            _write_file(self.out / "metrics.jsonl", lines.encode())
+            write_file(self.out / "metrics.jsonl", lines.encode())
         if on_metrics is not None:
             on_metrics(record)
 
-    def finish(self) -> dict:
-        """Held-out evaluation (eval mode: thresholds), feature recovery when known, SAELens export."""
+    def finish(self, saelens_metadata: Optional[Mapping[str, Any]] = None) -> dict:
+        """Held-out evaluation (eval mode: thresholds), feature recovery when known, SAELens export.
+
+        ``saelens_metadata`` (e.g. ``hook_name``) overrides what the data source says about itself in
+        the export's cfg. A run whose FVU exploded (above EXPLODED_FVU, or not finite) gets a
+        ``TrainingExplodedWarning`` and the reason in ``summary["warnings"]``.
+        """
+        with self._locked():
+            return self._finish(dict(saelens_metadata or {}))
+
+    def _finish(self, saelens_metadata: dict) -> dict:
         cfg = self.config
         heldout = self.source.batches(cfg.batch_size, seed=cfg.seed, split="heldout")
         evaluation = evaluate(self.sae, heldout, max_batches=cfg.eval_batches)
@@ -446,9 +551,14 @@ class Trainer:
             from .synthetic import feature_recovery
 
             summary["feature_recovery"] = feature_recovery(self.sae.W_dec.detach().cpu(), true_features)
+        summary["warnings"] = self.explosion_warnings(evaluation["fvu"])
+        for message in summary["warnings"]:
+            warnings.warn(message, TrainingExplodedWarning, stacklevel=3)
         if self.out is not None:
-            _write_file(self.out / "summary.json", _json_bytes(summary))
-            export_saelens(self.sae, self.out / "saelens", dataset_path=cfg.data)
+            metadata = metadata_from_source(self.source.describe(), dataset_path=cfg.data)
+            metadata.update(saelens_metadata)
+            export_saelens(self.sae, self.out / "saelens", **metadata)
+            write_file(self.out / "summary.json", json_bytes(summary))  # last: its presence means 'done'
         return summary
 
     def calibrated_evaluation(self) -> Optional[dict]:
@@ -476,6 +586,21 @@ class Trainer:
             "disjoint_from_eval": n_heldout is None or 2 * cfg.eval_batches * cfg.batch_size <= n_heldout,
         }
 
+    def explosion_warnings(self, eval_fvu: Optional[float] = None) -> list:
+        """One message per sign that the loss exploded: a train FVU (metrics) or the eval FVU above
+        EXPLODED_FVU or not finite."""
+        messages = []
+        worst = max(self.history, key=lambda r: _badness(r.get("fvu")), default=None)
+        if worst is not None and _badness(worst.get("fvu")) > EXPLODED_FVU:
+            messages.append(
+                f"the loss exploded: train FVU reached {worst['fvu']:.3g} at step {worst['step']} "
+                f"(above {EXPLODED_FVU:g}, i.e. far worse than predicting the mean); this SAE is not "
+                f"usable. Lower --lr (now {self.config.learning_rate:.3g})"
+            )
+        if eval_fvu is not None and _badness(eval_fvu) > EXPLODED_FVU:
+            messages.append(f"the eval FVU is {eval_fvu:.3g} (above {EXPLODED_FVU:g}): the loss exploded")
+        return messages
+
     # ------------------------------------------------------------------------------- checkpoints
     def state_tensors(self) -> Dict[str, Tensor]:
         tensors: Dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
@@ -487,9 +612,16 @@ class Trainer:
         return tensors
 
     def save(self) -> Path:
-        """Checkpoint into ``out/checkpoint`` (atomic)."""
+        """Checkpoint into ``out/checkpoint`` (atomic); refuses parameters that are not finite."""
         if self.out is None:
             raise AllocationError("this Trainer has no out directory; pass out=DIR to save checkpoints")
+        problem = self.parameter_problem()
+        if problem is not None:
+            raise TrainingDivergedError(f"refusing to checkpoint step {self.step}: {problem}")
+        with self._locked():
+            return self._save()
+
+    def _save(self) -> Path:
         groups = [
             {k: v for k, v in group.items() if k != "params"}
             for group in self.optimizer.state_dict()["param_groups"]
@@ -500,15 +632,31 @@ class Trainer:
 
     @classmethod
     def resume(
-        cls, out: Union[str, Path], data: Union[str, ActivationSource, Tensor, Path, None] = None
+        cls,
+        out: Union[str, Path],
+        data: Union[str, ActivationSource, Tensor, Path, None] = None,
+        *,
+        changes: Optional[Mapping[str, Any]] = None,
     ) -> "Trainer":
-        """Continue the run saved in ``out/checkpoint`` exactly where it stopped."""
+        """Continue the run saved in ``out/checkpoint`` exactly where it stopped.
+
+        ``changes``: TrainConfig fields the caller asks for (e.g. the command line's options). Those
+        in RESUMABLE_CHANGES are applied (``tokens`` only upwards: a longer run); any other that
+        differs from the checkpoint is an error naming each difference.
+        """
         out = Path(out)
         sae, cfg, tensors, state = load_checkpoint(out / "checkpoint")
-        config = TrainConfig.from_dict(cfg.get("train", {}))
+        try:
+            config = TrainConfig.from_dict(cfg["train"])
+        except (KeyError, TypeError, AllocationError) as error:
+            raise AllocationError(
+                f"checkpoint in {str(out)!r} has no valid training configuration ({error}); start a fresh run"
+            ) from None
+        config = _apply_changes(config, dict(changes or {}), int(state.get("step", 0)))
         if data is None and config.data == "<array>":
             raise AllocationError("this run trained on an in-memory array; pass the same data to resume it")
-        trainer = cls(config, data, out=out, sae=sae)
+        trainer = cls(config, data, sae=sae)
+        trainer._attach(out, fresh=False)
         try:
             optimizer_state = {}
             for name, value in tensors.items():
@@ -534,7 +682,64 @@ class Trainer:
             raise AllocationError(
                 f"checkpoint in {str(out)!r} is inconsistent ({error!r}); start a fresh run"
             ) from None
+        if not 0 <= trainer.step <= config.steps:
+            raise AllocationError(
+                f"checkpoint in {str(out)!r} is inconsistent: step {trainer.step} is outside the run's "
+                f"0..{config.steps} steps; start a fresh run"
+            )
         return trainer
+
+
+def option_name(field_name: str) -> str:
+    """The ``allocation train`` flag of a TrainConfig field (data_options -> --data-option)."""
+    return "--data-option" if field_name == "data_options" else "--" + field_name.replace("_", "-")
+
+
+def _apply_changes(config: TrainConfig, changes: Dict[str, Any], step: int) -> TrainConfig:
+    """``config`` with the allowed ``changes``; AllocationError naming every disallowed difference."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise AllocationError(f"unknown training options {unknown}; valid: {sorted(known)}")
+    current = config.to_dict()
+    if "rule" in changes:
+        changes["rule"] = str(changes["rule"]).lower().replace("_", "-")
+    conflicts = [
+        f"{option_name(name)} {_show(value)} (the checkpoint has {_show(current[name])})"
+        for name, value in changes.items()
+        if name not in RESUMABLE_CHANGES and value != current[name]
+    ]
+    if conflicts:
+        allowed = ", ".join(
+            option_name(name) + (" (more only)" if name == "tokens" else "") for name in RESUMABLE_CHANGES
+        )
+        raise AllocationError(
+            "--resume continues the checkpoint's run as it was configured, but "
+            + "; ".join(conflicts)
+            + f". Drop these options, or start a new run (another --out, or --overwrite). "
+            f"Options that may change on resume: {allowed}, --threads"
+        )
+    tokens = changes.get("tokens", config.tokens)
+    if tokens < config.tokens:
+        raise AllocationError(
+            f"--tokens {tokens} is fewer than the checkpoint's run ({config.tokens} tokens, {step} steps "
+            "done); --tokens on resume can only extend a run"
+        )
+    applied = {name: value for name, value in changes.items() if name in RESUMABLE_CHANGES}
+    return TrainConfig.from_dict({**current, **applied}) if applied else config
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(value.items())) or "(none)"
+    return str(value)
+
+
+def _badness(value: Optional[float]) -> float:
+    """An FVU for comparisons: inf when it is NaN or inf, -inf when it is missing."""
+    if value is None:
+        return -math.inf
+    return value if math.isfinite(value) else math.inf
 
 
 def train(config: TrainConfig, data=None, *, out=None, progress: bool = False) -> dict:
