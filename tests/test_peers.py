@@ -79,6 +79,10 @@ def test_saelens_inference_sae_is_loaded_from_disk(name, data, tmp_path):
     system.finish(tmp_path)
     assert (tmp_path / name / "cfg.json").exists()
     assert isinstance(system.inference, SAE) and not isinstance(system.inference, type(system.sae))
+    if name == "saelens-topk":  # the loaded inference SAE reconstructs as the trained one does
+        with torch.no_grad():
+            trained = system.sae.decode(system.sae.encode(data.evaluation))
+        torch.testing.assert_close(system.encode_eval(data.evaluation)[0], trained, rtol=1e-4, atol=1e-5)
     if name == "saelens-batchtopk":
         assert json.loads((tmp_path / name / "cfg.json").read_text())["architecture"] == "jumprelu"
         assert system.calibrate(data.calibration, K) is not None
