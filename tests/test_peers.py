@@ -147,6 +147,9 @@ def test_quick_run_writes_json_and_renders_the_readme_table(tmp_path):
     assert "| allocation-mc |" in text and "k = 4, F = 64" in text
     assert bench_peers.main(["--report-only", "--output", str(output), "--readme", str(readme)]) == 0
     assert readme.read_text().count(bench_peers.START) == 1
+    partial = {**payload, "settings": [], "complete": False}
+    text = bench_peers.render(partial, earlier={**payload, "file": "earlier.json"})
+    assert "Incomplete run" in text and "From an earlier complete run" in text and "k = 4, F = 64" in text
 
 
 def test_settings_are_parsed_as_k_by_features():
