@@ -385,6 +385,8 @@ def describe_protocol(payload: dict) -> list[str]:
 
 def optimizer_note(payload: dict) -> str:
     """Which systems' Adam differs from the shared recipe (fused kernel, a group at another lr), from the JSON."""
+    if not payload["settings"]:
+        return ""
     notes: dict[str, list[str]] = {}
     for name, result in payload["settings"][0]["runs"][0]["systems"].items():
         adam = result["optimizer"]
@@ -407,6 +409,8 @@ ALLOCATION_KEYS = ("decoder_lr_scale", "encoder_init_scale", "threshold_decay", 
 
 def allocation_defaults_note(payload: dict) -> str:
     """allocation's own TrainConfig values in this run (its defaults, not set by the benchmark), from the JSON."""
+    if not payload["settings"]:
+        return ""
     systems = payload["settings"][0]["runs"][0]["systems"]
     config = next((r["config"] for r in systems.values() if r["family"] == "allocation"), None)
     if not config:
