@@ -350,9 +350,11 @@ class SparseAutoencoder(nn.Module):
         self.b_dec.copy_(geometric_median(sample).to(self.b_dec.dtype))
 
     @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        """Rescale every decoder row to unit norm."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    def normalize_decoder(self) -> Tensor:
+        """Rescale every decoder row to unit norm; returns the rows' norms before (F,)."""
+        norms = self.W_dec.norm(dim=1, keepdim=True)
+        self.W_dec /= norms.clamp_min(1e-12)
+        return norms.reshape(-1)
 
     @torch.no_grad()
     def remove_parallel_gradient(self) -> None:

@@ -376,8 +376,7 @@ class Trainer:
         if not bool(torch.isfinite(grad_norm)):
             raise TrainingDivergedError(self._diverged_message("the gradient norm", float(grad_norm)))
         self.optimizer.step()
-        sae.normalize_decoder()
-        self._check_parameters()
+        self._check_parameters(sae.normalize_decoder())
         sae.update_thresholds(out.pre.detach(), out.mask, out.code)
         l0_per_token, fired = out.l0, out.fired
         self.usage.record(fired, batch.shape[0])
@@ -387,20 +386,31 @@ class Trainer:
         l0 = float(l0_per_token.sum()) / batch.shape[0]
         return StepResult(self.step, loss_value, main_value, aux_value, l0, lr)
 
-    def parameter_problem(self) -> Optional[str]:
-        """What is wrong with the SAE's parameters (non-finite, a zero decoder row), or None."""
+    def parameter_problem(self, decoder_norms: Optional[Tensor] = None, *, buffers: bool = True) -> Optional[str]:
+        """What is wrong with the SAE's parameters (non-finite, a zero decoder row), or None.
+
+        ``decoder_norms``: W_dec's row norms before ``normalize_decoder`` (F,); finite and > 0 for
+        every row means W_dec is finite and non-degenerate after it, without another pass.
+        """
         sae = self.sae
-        for name, tensor in list(sae.named_parameters()) + list(sae.named_buffers()):
+        tensors = list(sae.named_parameters()) + (list(sae.named_buffers()) if buffers else [])
+        for name, tensor in tensors:
+            if decoder_norms is not None and name == "W_dec":
+                continue
             if tensor.is_floating_point() and not all_finite(tensor):
                 return f"{name} holds NaN or inf"
         with torch.no_grad():
-            smallest = float(sae.W_dec.norm(dim=1).min())
+            norms = sae.W_dec.norm(dim=1) if decoder_norms is None else decoder_norms
+            smallest, largest = (float(v) for v in torch.aminmax(norms))
+        if not math.isfinite(largest):
+            return "W_dec holds NaN or inf"
         if not smallest > 0:
             return "a decoder row (W_dec) has zero norm"
         return None
 
-    def _check_parameters(self) -> None:
-        problem = self.parameter_problem()
+    def _check_parameters(self, decoder_norms: Tensor) -> None:
+        """After a step: the parameters (buffers are checked before saving) and the decoder's norms."""
+        problem = self.parameter_problem(decoder_norms, buffers=False)
         if problem is not None:
             raise TrainingDivergedError(
                 self._diverged_message(f"after the optimiser step, {problem}", None, applied=True)
