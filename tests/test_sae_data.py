@@ -276,7 +276,7 @@ def test_bad_sample_and_source_arguments():
     for fraction in (0, 1, 1.5, "0.1"):
         with pytest.raises(AllocationError, match="heldout_fraction"):
             load_activations(row_id_array(20), heldout_fraction=fraction)
-    with pytest.raises(AllocationError, match="data must be 'synthetic', 'minilm', a file path"):
+    with pytest.raises(AllocationError, match="data must be 'synthetic', 'minilm', 'hf', a file path"):
         load_activations(12345)
     with pytest.raises(AllocationError, match="do not apply"):
         load_activations(row_id_array(20), key="x")
@@ -431,7 +431,7 @@ def test_stdlib_corpus_is_deterministic():
 
 @needs_minilm
 def test_minilm_extracts_caches_and_matches_the_full_model(tmp_path, monkeypatch):
-    from allocation.sae import minilm
+    from allocation.sae import hf, minilm
 
     source = load_activations("minilm", n_tokens=300, layer=2, max_length=64, cache_dir=tmp_path)
     assert source.d_in == 384 and source.n_tokens == 300 and source.n_heldout == 30
@@ -439,61 +439,70 @@ def test_minilm_extracts_caches_and_matches_the_full_model(tmp_path, monkeypatch
     batch = next(source.batches(16, seed=0))
     assert batch.shape == (16, 384) and batch.dtype == torch.float32
     cache_files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(cache_files) == 2 and cache_files[1] == cache_files[0] + ".json"
+    assert len(cache_files) == 3 and cache_files[1:] == [cache_files[0] + ".json", cache_files[0] + ".tokens.i32"]
+    assert cache_files[0].startswith("minilm-L6-v2_resid_post2_300tok_len64_")
     sidecar = json.loads((tmp_path / cache_files[1]).read_text())
     assert sidecar["layer"] == 2 and sidecar["shape"] == [300, 384] and sidecar["model"] == minilm.MODEL_NAME
     assert sidecar["extraction_seconds"] >= 0 and len(sidecar["corpus_hash"]) == 64
+    assert sidecar["corpus"] == minilm.CORPUS_NAME and sidecar["model_kind"] == "encoder"
 
     # the cached file is reused: extraction must not run again
     def no_extraction(*args, **kwargs):
         raise AssertionError("extracted again instead of reusing the cache")
 
-    monkeypatch.setattr(minilm, "extract_hidden_states", no_extraction)
+    monkeypatch.setattr(hf, "extract", no_extraction)
     again = load_activations("minilm", n_tokens=300, layer=2, max_length=64, cache_dir=tmp_path)
     np.testing.assert_array_equal(np.asarray(again.array), np.asarray(source.array))
     monkeypatch.undo()
 
-    # rows are the full (untruncated) model's hidden_states[2] at the word pieces, in corpus order
+    # rows are the full model's hidden_states[2] at the word pieces, in corpus order
     tokenizer, model = minilm.load_minilm()
-    windows = minilm.token_windows(minilm.isolated_stdlib_docstrings(), tokenizer, 300, 64, False)
+    windows = list(
+        hf.iter_windows(
+            iter(minilm.isolated_stdlib_docstrings()), tokenizer, 300, 64, False,
+            [tokenizer.cls_token_id], [tokenizer.sep_token_id],
+        )
+    )
     with torch.no_grad():
         reference = np.concatenate(
             [
-                model(input_ids=torch.tensor([window]), output_hidden_states=True)
-                .hidden_states[2][0, 1:-1]
-                .numpy()
-                for window in windows
+                model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0, first:stop].numpy()
+                for ids, first, stop in windows
             ]
         )
     np.testing.assert_allclose(np.asarray(source.array), reference, atol=1e-4)
-    assert len(model.encoder.layer) == minilm.N_LAYERS  # truncation left the cached model whole
 
 
 @needs_minilm
 def test_minilm_too_many_tokens_is_a_clear_error(tmp_path):
     with pytest.raises(
-        AllocationError, match="more than the .* tokens the standard-library docstring corpus"
+        AllocationError, match="more than the .* tokens the corpus python standard library docstrings holds"
     ):
-        load_activations("minilm", n_tokens=50_000_000, cache_dir=tmp_path)
+        load_activations("minilm", n_tokens=3_000_000, cache_dir=tmp_path)
     assert not any(tmp_path.iterdir())
 
 
 @needs_minilm
 def test_minilm_keep_special_tokens_and_a_partial_last_window(tmp_path):
-    from allocation.sae import minilm
+    from allocation.sae import hf, minilm
 
     # windows of 3 word pieces + [CLS]/[SEP] keep 5 rows each; 7 rows end inside the second window
     source = minilm.minilm_activations(
         n_tokens=7, layer=1, max_length=5, keep_special_tokens=True, cache_dir=tmp_path
     )
     tokenizer, model = minilm.load_minilm()
-    windows = minilm.token_windows(minilm.isolated_stdlib_docstrings(), tokenizer, 7, 5, True)
-    assert [len(window) for window in windows] == [5, 3]
+    windows = list(
+        hf.iter_windows(
+            iter(minilm.isolated_stdlib_docstrings()), tokenizer, 7, 5, True,
+            [tokenizer.cls_token_id], [tokenizer.sep_token_id],
+        )
+    )
+    assert [len(ids) for ids, _, _ in windows] == [5, 3]
     with torch.no_grad():
         reference = np.concatenate(
             [
-                model(input_ids=torch.tensor([window]), output_hidden_states=True).hidden_states[1][0].numpy()
-                for window in windows
+                model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0].numpy()
+                for ids, _, _ in windows
             ]
         )[:7]
     np.testing.assert_allclose(np.asarray(source.array), reference, atol=1e-4)

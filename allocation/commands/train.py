@@ -42,7 +42,9 @@ def register(subparsers) -> None:
         f"default {DEFAULTS.aux}",
     )
     parser.add_argument(
-        "--data", help="synthetic | minilm | PATH (.npy, .safetensors, memmap); default synthetic"
+        "--data",
+        help="synthetic | minilm | hf (a local transformers model: --data-option model=DIR text=FILE layer=L) "
+        "| PATH (.npy, .safetensors, memmap); default synthetic",
     )
     parser.add_argument(
         "--data-option",
@@ -99,6 +101,17 @@ def register(subparsers) -> None:
         help="after training, also evaluate Feature/Mutual Choice at eval thresholds calibrated to this "
         "held-out L0 per token on a held-out calibration set (default: k; 0 skips it)",
     )
+    parser.add_argument(
+        "--downstream",
+        action=argparse.BooleanOptionalAction,
+        help="after training, splice the SAE into the model and report loss recovered (causal LMs) or "
+        "embedding cosine (encoders) on held-out text (default: on where the data names its model: hf, minilm)",
+    )
+    parser.add_argument(
+        "--downstream-tokens",
+        type=int,
+        help=f"held-out tokens of the downstream evaluation (default {DEFAULTS.downstream_tokens})",
+    )
     parser.add_argument("--seed", type=int, help=f"default {DEFAULTS.seed}")
     parser.add_argument(
         "--device", help="torch device, e.g. cpu or cuda (default cpu); may change on --resume"
@@ -147,6 +160,8 @@ CONFIG_OPTIONS = (
     "checkpoint_every",
     "seed",
     "device",
+    "downstream",
+    "downstream_tokens",
 )
 
 

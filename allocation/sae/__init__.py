@@ -8,6 +8,8 @@ summary = Trainer(TrainConfig(rule="mutual-choice", k=32, aux="zipf"), "syntheti
 from .calibration import calibrate_thresholds, calibrated_copy
 from .checkpoint import CheckpointError, load_checkpoint, load_sae, save_sae
 from .data import ActivationSource, ArraySource, load_activations
+from .downstream import downstream_fidelity, evaluate_downstream
+from .hf import hf_activations
 from .losses import aux_k_loss, aux_zipf_loss, fvu, mse_loss, normalized_mse, zipf_targets
 from .metrics import FeatureUsage, evaluate
 from .minilm import minilm_activations
@@ -59,11 +61,14 @@ __all__ = [
     "decode_dense",
     "decode_sparse",
     "default_learning_rate",
+    "downstream_fidelity",
     "evaluate",
+    "evaluate_downstream",
     "export_saelens",
     "feature_recovery",
     "fvu",
     "geometric_median",
+    "hf_activations",
     "load_activations",
     "load_checkpoint",
     "load_sae",

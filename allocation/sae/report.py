@@ -21,11 +21,36 @@ COLUMNS = (
     ("dead %", "dead_fraction"),
     ("under-used %", "under_used_fraction"),
     ("recovery", "feature_recovery"),
+    ("CE clean/SAE/ablated", "downstream.ce"),
+    ("loss recovered %", "downstream.loss_recovered"),
+    ("KL (SAE)", "downstream.kl_sae"),
+    ("cos (SAE)", "downstream.cosine_sae"),
+    ("cos recovered %", "downstream.cosine_recovered"),
     ("tokens/s", "tokens_per_second"),
 )
+OPTIONAL = ("feature_recovery", "downstream.")  # columns shown only when some run has them
+
+
+def _has(summary: dict, key: str) -> bool:
+    if key == "feature_recovery":
+        return "feature_recovery" in summary
+    downstream = summary.get("downstream") or {}
+    field = key[len("downstream.") :]
+    return ("ce_sae" in downstream) if field == "ce" else field in downstream
 
 
 def _cell(summary: dict, key: str) -> str:
+    if key.startswith("downstream."):
+        downstream = summary.get("downstream") or {}
+        field = key[len("downstream.") :]
+        if field == "ce":
+            if "ce_sae" not in downstream:
+                return "-"
+            return f"{downstream['ce_clean']:.3f}/{downstream['ce_sae']:.3f}/{downstream['ce_ablated']:.3f}"
+        value = downstream.get(field)
+        if value is None:
+            return "-"
+        return f"{100 * value:.1f}" if field.endswith("recovered") else f"{value:.4f}"
     if key.startswith("calibrated."):
         calibrated = summary.get("calibrated")
         return _cell(calibrated, key[len("calibrated.") :]) if calibrated else "-"
@@ -53,7 +78,7 @@ def summary_table(summaries: Sequence[dict]) -> str:
     columns = [
         (title, key)
         for title, key in COLUMNS
-        if key != "feature_recovery" or any("feature_recovery" in s for s in summaries)
+        if not key.startswith(OPTIONAL) or any(_has(s, key) for s in summaries)
     ]
     rows = [[title for title, _ in columns]] + [[_cell(s, key) for _, key in columns] for s in summaries]
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]

@@ -31,6 +31,7 @@ from .atomic import resolve_published, write_file
 from .calibration import calibrated_copy
 from .checkpoint import STATE_JSON, json_bytes, load_checkpoint, save_checkpoint
 from .data import ActivationSource, load_activations
+from .downstream import check_downstream, trainer_downstream
 from .losses import REDUCTIONS, aux_k_loss, aux_zipf_loss, normalized_mse
 from .metrics import FeatureUsage, MetricsWindow, evaluate
 from .model import (
@@ -47,7 +48,8 @@ from .saelens import export_saelens, metadata_from_source
 
 AUX_NAMES = ("none", "k", "zipf")
 EXPLODED_FVU = 10.0  # a train or eval FVU above this (10x worse than predicting the mean) is an explosion
-RESUMABLE_CHANGES = ("tokens", "device", "checkpoint_every")  # may differ from the checkpoint on resume
+# may differ from the checkpoint on resume (downstream*: evaluation after training only)
+RESUMABLE_CHANGES = ("tokens", "device", "checkpoint_every", "downstream", "downstream_tokens")
 
 DECODER_LR_SCALE = 3.0
 """W_dec's Adam learning rate relative to the other parameters'. Unit-norm decoder rows move slowly
@@ -109,6 +111,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"  # torch device for the SAE and the batches (data sources yield CPU tensors)
     data: str = "synthetic"  # how the data was named (for resume); arrays are recorded as '<array>'
+    downstream: Optional[bool] = None  # splice into the model after training (None: where the data names one)
+    downstream_tokens: int = 2048  # held-out tokens of the downstream evaluation
     data_options: Dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -128,6 +132,7 @@ class TrainConfig:
             "metrics_every",
             "eval_batches",
             "b_dec_sample",
+            "downstream_tokens",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -244,6 +249,7 @@ class Trainer:
         else:
             config.data = "<array>"
         self.source = load_activations(data, **config.data_options)
+        check_downstream(config, self.source)
         if sae is None:
             rule = make_rule(config.rule, config.k)
             sae = SparseAutoencoder(
@@ -556,6 +562,9 @@ class Trainer:
         calibrated = self.calibrated_evaluation()
         if calibrated is not None:
             summary["calibrated"] = calibrated
+        downstream = trainer_downstream(self)
+        if downstream is not None:
+            summary["downstream"] = downstream
         true_features = getattr(self.source, "true_features", None)
         if true_features is not None:
             from .synthetic import feature_recovery
