@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,notebooks,real
 
-.PHONY: install test test-fast test-interop demo lint bench notebooks clean
+.PHONY: install test test-fast test-interop demo lint bench bench-peers test-peers notebooks clean
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,27 @@ demo: install
 bench: install
 	$(PY) benchmarks/run_all.py
 
+# Peer benchmark: sparsify and SAELens vs allocation's rules on MiniLM activations, README "Peers" table.
+# The peers live in their own venv (.venv-peers, extra `peers`); make test never installs them. The
+# constraints file keeps pip on the local CPU torch (an unpinned dependency would pull a CUDA build).
+PEERS_VENV ?= .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_ARGS ?=
+
+$(PEERS_VENV)/.installed: pyproject.toml Makefile benchmarks/peers-constraints.txt
+	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install -q --upgrade pip
+	$(PEERS_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PEERS_PY) -m pip install -q -c benchmarks/peers-constraints.txt -e ".[peers,real,dev]"
+	touch $@
+
+bench-peers: $(PEERS_VENV)/.installed
+	$(PEERS_PY) benchmarks/bench_peers.py $(PEERS_ARGS)
+
+# The adapter tests with the peers importable (in .venv they skip).
+test-peers: $(PEERS_VENV)/.installed
+	$(PEERS_PY) -m pytest -q tests/test_peers.py
+
 # Re-execute every tutorial in place, keeping its outputs (inline figures: no MPLBACKEND override).
 notebooks: install
 	for notebook in tutorials/[0-9]*.ipynb; do \
@@ -62,4 +83,4 @@ notebooks: install
 	done
 
 clean:
-	rm -rf $(VENV) $(INTEROP_VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(INTEROP_VENV) $(PEERS_VENV) .pytest_cache .hypothesis build *.egg-info
