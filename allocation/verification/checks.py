@@ -25,9 +25,12 @@ from ..exact import solve
 # positive scores below about 1e-9), so on matrices of tiny scores a purely relative gap would
 # blame the rule for the reference's rounding.
 RELATIVE_SLACK_IN_EPS = 8
-# Floor for float64: the HiGHS reference is accurate to about 1e-10 * (1 + sum |S|) (worst of 1500
-# random float64 TopK instances with near-ties and mixed magnitudes against an exact sort: 1.2e-10).
-MIN_RELATIVE_TOLERANCE = 1e-9
+# Floor for float64: the HiGHS reference accepts a vertex whose reduced costs are within its dual
+# feasibility tolerance (1e-7 by default), so its optimum can be short of the true one by a small
+# relative amount: 1.2e-10 * (1 + sum |S|) at worst over 1500 random float64 TopK instances, but
+# 1.9e-9 on a verify example with scores from 1e-6 to 1e6 (regression:
+# test_verified_rule_exits_0 refused an exact top-2 rule as "above the optimum" with a 1e-9 floor).
+MIN_RELATIVE_TOLERANCE = 1e-8
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class Outcome:
 
 
 def default_tolerance(scores: torch.Tensor) -> float:
-    """Allowed objective gap: max(8 eps(dtype), 1e-9) * (1 + sum |S|)."""
+    """Allowed objective gap: max(8 eps(dtype), 1e-8) * (1 + sum |S|)."""
     relative = max(RELATIVE_SLACK_IN_EPS * torch.finfo(scores.dtype).eps, MIN_RELATIVE_TOLERANCE)
     return relative * (1.0 + float(scores.detach().abs().to(torch.float64).sum()))
 
