@@ -87,3 +87,11 @@ def save_tiny_bert(directory: Path, *, n_layer: int = 2, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
+
+
+def save_tiny_models(root: Path, n_documents: int = 40) -> dict:
+    """A corpus file and a tiny GPT-2 and BERT saved under ``root``: {'gpt2', 'bert', 'corpus', 'root'}."""
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(corpus_lines(n_documents)) + "\n")
+    return {"gpt2": save_tiny_gpt2(root / "gpt2"), "bert": save_tiny_bert(root / "bert"), "corpus": corpus,
+            "root": root}

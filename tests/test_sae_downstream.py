@@ -19,12 +19,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from hf_tiny import corpus_lines, save_tiny_bert, save_tiny_gpt2
+    from hf_tiny import save_tiny_models
 
-    root = tmp_path_factory.mktemp("tiny-downstream")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(corpus_lines(80)) + "\n")
-    return {"gpt2": save_tiny_gpt2(root / "gpt2"), "bert": save_tiny_bert(root / "bert"), "corpus": corpus}
+    return save_tiny_models(tmp_path_factory.mktemp("tiny-downstream"), n_documents=80)
 
 
 def windows_of(hf, texts, max_length=16):
