@@ -44,6 +44,13 @@ def word_tokenizer(special: str):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]")
 
 
+def _saved(model, tokenizer, directory: Path) -> Path:
+    """``model`` and ``tokenizer`` saved with ``save_pretrained`` into ``directory``."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)
+
+
 def save_tiny_gpt2(directory: Path, *, n_layer: int = 3, seed: int = 0) -> Path:
     """A 3-block GPT-2 (d = 32) with random weights and the word-level tokenizer, in ``directory``."""
     import torch
@@ -61,10 +68,7 @@ def save_tiny_gpt2(directory: Path, *, n_layer: int = 3, seed: int = 0) -> Path:
         bos_token_id=2,
         eos_token_id=3,
     )
-    model = GPT2LMHeadModel(config).eval()
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return Path(directory)
+    return _saved(GPT2LMHeadModel(config).eval(), tokenizer, directory)
 
 
 def save_tiny_bert(directory: Path, *, n_layer: int = 2, seed: int = 0) -> Path:
@@ -83,10 +87,7 @@ def save_tiny_bert(directory: Path, *, n_layer: int = 2, seed: int = 0) -> Path:
         max_position_embeddings=64,
         pad_token_id=0,
     )
-    model = BertModel(config).eval()
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return Path(directory)
+    return _saved(BertModel(config).eval(), tokenizer, directory)
 
 
 def save_tiny_models(root: Path, n_documents: int = 40) -> dict:
