@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,notebooks,real
 
-.PHONY: install test test-fast test-interop demo lint bench bench-peers test-peers notebooks clean
+.PHONY: install test test-fast test-interop demo lint bench bench-peers test-peers study notebooks clean
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,13 @@ demo: install
 # Every benchmark (JSON in benchmarks/results/), then the README's performance section from them.
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# The study of the paper's claims (README "Does it work?"): rules x aux at the dead-feature setting, a k-sweep,
+# synthetic feature recovery, peers where installed; JSON + figures in benchmarks/results/, then the README
+# section. ARGS=--quick: a seconds-long smoke run into runs/study-quick (README untouched).
+ARGS ?=
+study: install
+	$(PY) benchmarks/study.py $(ARGS)
 
 # Peer benchmark: sparsify and SAELens vs allocation's rules on MiniLM activations, README "Peers" table.
 # The peers live in their own venv (.venv-peers, extra `peers`); make test never installs them. The

@@ -94,6 +94,15 @@ def l0_summary(counts: Tensor) -> Dict[str, float]:
     }
 
 
+def under_used_fraction(frequency: Tensor, budget_per_token: float, factor: float = 0.1) -> float:
+    """Fraction of features firing on fewer than ``factor`` x the uniform share of tokens: f_j < factor L0 / F.
+
+    ``frequency`` (F,): activations per token of each feature; ``budget_per_token``: the L0 shared out.
+    """
+    uniform_share = budget_per_token / frequency.numel()
+    return float((frequency.to(torch.float64) < factor * uniform_share).double().mean())
+
+
 def density_histogram(frequency: Tensor, edges=DENSITY_BINS) -> Dict[str, List]:
     """Features per log10 firing-frequency bin; frequency exactly 0 is counted as 'never'."""
     frequency = frequency.detach().to(torch.float64).cpu()

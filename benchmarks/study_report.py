@@ -1,0 +1,407 @@
+"""The README's "Does it work?" section and the study's figures, from the study's results files.
+
+    report(results_dir, readme)   # figures into results_dir, the section into readme (None: not written)
+
+Every figure and verdict is computed from ``study_<part>_cpu.json``. A comparison of two cells (mean
+over seeds) counts as a difference only when the gap exceeds the sum of their standard deviations over
+seeds: |mean_a - mean_b| > std_a + std_b; otherwise the two are "within noise".
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+from allocation.sae.atomic import write_file  # noqa: E402
+
+START, END = "<!-- study:start -->", "<!-- study:end -->"
+RULE_LABELS = {"topk": "TopK", "feature-choice": "FC", "feature-choice-zipf": "FC Zipf s=1",
+               "mutual-choice": "MC"}
+AUX_LABELS = {"none": "none", "k": "aux_k", "zipf": "aux_zipf"}
+BATCH_RULES = ("feature-choice", "feature-choice-zipf", "mutual-choice")
+PARETO_FIGURE, DEAD_FIGURE = "study_pareto.png", "study_dead.png"
+
+
+# ------------------------------------------------------------------------------------ aggregation
+
+
+def mean_std(values: Sequence[float]) -> dict:
+    values = [float(v) for v in values]
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def equal_l0(run: dict) -> dict:
+    """The run's figures at L0 = k: calibrated for a batch rule, as trained for TopK (its L0 is k)."""
+    return run["calibrated"] or run["as_trained"]
+
+
+METRICS = {
+    "fvu_trained": lambda r: r["as_trained"]["fvu"],
+    "l0_trained": lambda r: r["as_trained"]["l0"],
+    "fvu": lambda r: equal_l0(r)["fvu"],
+    "l0": lambda r: equal_l0(r)["l0"],
+    "l0_std": lambda r: equal_l0(r)["l0_std"],
+    "dead_train": lambda r: r["training"]["dead_fraction"],
+    "under_train": lambda r: r["training"]["under_used_fraction"],
+    "dead_eval": lambda r: equal_l0(r)["dead_fraction"],
+    "under_eval": lambda r: equal_l0(r)["under_used_fraction"],
+    "seconds": lambda r: r["seconds"],
+    "recovery": lambda r: r.get("feature_recovery", float("nan")),
+    "zero_cap": lambda r: r.get("zero_capacity_fraction", 0.0),
+}
+
+
+def cells(payload: dict) -> dict:
+    """(rule, aux, k, options) -> {metric: mean_std over seeds}; options = the aux_zipf options ('' if current)."""
+    current = json.dumps(payload.get("aux_zipf_options") or {}, sort_keys=True)
+    groups: dict = {}
+    for run in payload["runs"]:
+        options = json.dumps(run.get("aux_options") or {}, sort_keys=True) if run["aux"] == "zipf" else current
+        tag = "" if options == current else options
+        groups.setdefault((run["rule"], run["aux"], run["k"], tag), []).append(run)
+    return {key: {name: mean_std([get(r) for r in runs]) for name, get in METRICS.items()} | {"seeds": len(runs)}
+            for key, runs in groups.items()}
+
+
+def compare(a: dict, b: dict) -> str:
+    """'lower' / 'higher' when a's mean is below / above b's by more than std_a + std_b, else 'same'."""
+    gap, noise = a["mean"] - b["mean"], a["std"] + b["std"]
+    if gap < -noise and gap < 0:
+        return "lower"
+    if gap > noise and gap > 0:
+        return "higher"
+    return "same"
+
+
+# ---------------------------------------------------------------------------------------- format
+
+
+def ms(stat: dict, digits: int = 3, percent: bool = False) -> str:
+    if stat["mean"] != stat["mean"]:  # nan
+        return "—"
+    scale, unit = (100.0, "%") if percent else (1.0, "")
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}{unit}"
+
+
+def pct(stat: dict) -> str:
+    return ms(stat, 1, percent=True)
+
+
+def cell_label(rule: str, aux: str, tag: str = "") -> str:
+    label = f"{RULE_LABELS.get(rule, rule)} + {AUX_LABELS.get(aux, aux)}"
+    return label + (f" ({tag})" if tag else "")
+
+
+def describe_setting(payload: dict) -> str:
+    s = payload["setting"]
+    data = s["data"] + "".join(f", {k}={v}" for k, v in s["data_options"].items())
+    extra = "".join(f", {k}={v}" for k, v in s.get("train_options", {}).items())
+    ks = f"k in {{{', '.join(str(k) for k in s['ks'])}}}" if s.get("ks") else f"k = {s['k']}"
+    return (f"{data}; {ks}, F = {s['n_features']}, {s['steps']} steps x {s['batch_size']} tokens "
+            f"= {s['steps'] * s['batch_size']:,} training tokens, lr {s['lr']}, dead window {s['dead_tokens']:,} "
+            f"tokens, {s['eval_tokens']:,} calibration / evaluation tokens{extra}; seeds {payload['seeds']}")
+
+
+def cost(payload: dict) -> str:
+    seconds = sum(r["seconds"] for r in payload["runs"])
+    status = "" if payload.get("complete") else " (incomplete)"
+    return f"{len(payload['runs'])} runs, {seconds / 60:.1f} min of training and evaluation{status}"
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+
+def grid_table(table: dict) -> list[str]:
+    lines = ["| rule + aux | FVU as trained @ L0 | FVU @ L0 = k | L0 std over tokens | dead (training) "
+             "| under-used (training) | dead (eval) | under-used (eval) | s / run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (rule, aux, _, tag), c in table.items():
+        lines.append(f"| {cell_label(rule, aux, tag)} | {ms(c['fvu_trained'], 4)} @ {c['l0_trained']['mean']:.1f} "
+                     f"| {ms(c['fvu'], 4)} @ {c['l0']['mean']:.1f} | {c['l0_std']['mean']:.1f} "
+                     f"| {pct(c['dead_train'])} | {pct(c['under_train'])} | {pct(c['dead_eval'])} "
+                     f"| {pct(c['under_eval'])} | {c['seconds']['mean']:.0f} |")
+    return lines
+
+
+def ksweep_table(table: dict, ks: Sequence[int]) -> list[str]:
+    rules = list(dict.fromkeys(rule for rule, *_ in table))
+    lines = ["| rule | " + " | ".join(f"k = {k}: as trained @ L0 / @ L0 = k" for k in ks) + " |",
+             "|---|" + "---|" * len(ks)]
+    for rule in rules:
+        row = []
+        for k in ks:
+            c = table.get((rule, "k", k, ""))
+            row.append("—" if c is None else f"{ms(c['fvu_trained'], 4)} @ {c['l0_trained']['mean']:.1f} / "
+                       f"{ms(c['fvu'], 4)}")
+        lines.append(f"| {RULE_LABELS.get(rule, rule)} | " + " | ".join(row) + " |")
+    return lines
+
+
+def synthetic_table(table: dict) -> list[str]:
+    lines = ["| rule + aux | feature recovery | FVU @ L0 = k | dead (training) | under-used (training) |",
+             "|---|---|---|---|---|"]
+    for (rule, aux, _, tag), c in table.items():
+        lines.append(f"| {cell_label(rule, aux, tag)} | {ms(c['recovery'])} | {ms(c['fvu'], 4)} "
+                     f"| {pct(c['dead_train'])} | {pct(c['under_train'])} |")
+    return lines
+
+
+def peers_lines(payload: Optional[dict]) -> list[str]:
+    if payload is None:
+        return ["Peers' TopK / BatchTopK reference rows: not run (no `study_peers_cpu.json`)."]
+    if payload.get("skipped"):
+        return [f"Peers' TopK / BatchTopK reference rows: skipped: {payload['skipped']}."]
+    summary = _summarize_peers(payload["runs"])
+    lines = ["Peers' reference rows (the peer benchmark's protocol, aux none, at the grid's k, F and steps):", "",
+             "| system | FVU as trained @ L0 | FVU @ L0 = k (batch rules calibrated) | dead (eval) |",
+             "|---|---|---|---|"]
+    for name, s in summary.items():
+        cal = s.get("calibrated") or s["as_trained"]
+        lines.append(f"| {name} | {ms(s['as_trained']['fvu'], 4)} @ {s['as_trained']['l0']['mean']:.1f} "
+                     f"| {ms(cal['fvu'], 4)} @ {cal['l0']['mean']:.1f} | {pct(s['as_trained']['dead_fraction'])} |")
+    return lines
+
+
+def _summarize_peers(runs: list[dict]) -> dict:
+    names = runs[0]["systems"].keys()
+    out = {}
+    for name in names:
+        per_seed = [run["systems"][name] for run in runs]
+        out[name] = {block: ({key: mean_std([seed[block][key] for seed in per_seed])
+                              for key in ("fvu", "l0", "dead_fraction")}
+                             if all(seed[block] for seed in per_seed) else None)
+                     for block in ("as_trained", "calibrated")}
+    return out
+
+
+# ---------------------------------------------------------------------------------------- verdicts
+
+
+def verdict(outcomes: list[tuple[str, str]], wanted: str = "lower") -> str:
+    """'**holds**' (every comparison goes the claimed way), '**does not hold**' (none does), or
+    '**holds only for** ...' (the comparisons that do)."""
+    wins = [label for label, outcome in outcomes if outcome == wanted]
+    against = [label for label, outcome in outcomes if outcome not in (wanted, "same")]
+    count = f"{len(wins)} of {len(outcomes)} comparisons the claimed way, {len(against)} the opposite way"
+    if outcomes and len(wins) == len(outcomes):
+        return f"**holds** ({count})"
+    if not wins:
+        return f"**does not hold** ({count}, the rest within the seeds' spread)"
+    return f"**holds only for** {', '.join(wins)} ({count})"
+
+
+def _pair(table: dict, a: tuple, b: tuple, metric: str, fmt) -> tuple[str, str]:
+    ca, cb = table[a], table[b]
+    outcome = compare(ca[metric], cb[metric])
+    symbol = {"lower": "<", "higher": ">", "same": "≈"}[outcome]
+    return outcome, f"{fmt(ca[metric])} {symbol} {fmt(cb[metric])}"
+
+
+def claim_dead(table: dict, auxes: Sequence[str], k: int) -> list[str]:
+    outcomes, details = [], []
+    for aux in auxes:
+        base = ("topk", aux, k, "")
+        for rule in BATCH_RULES:
+            key = (rule, aux, k, "")
+            if key not in table or base not in table:
+                continue
+            outcome, text = _pair(table, key, base, "dead_train", pct)
+            _, eval_text = _pair(table, key, base, "dead_eval", pct)
+            label = cell_label(rule, aux)
+            outcomes.append((label, outcome))
+            zero = table[key]["zero_cap"]["mean"]
+            structural = f"; {zero:.1%} of its features have training capacity 0" if zero else ""
+            details.append(f"{label} vs TopK: {text} dead in training ({eval_text} on evaluation tokens at L0 = k"
+                           f"{structural})")
+    return [f"**Claim 1: FC and MC SAEs have fewer dead features than TopK at equal sparsity.** "
+            f"{verdict(outcomes)} (dead in training, equal training budget k per token).", "",
+            *[f"- {d}" for d in details], ""]
+
+
+def claim_fvu(grid: dict, auxes: Sequence[str], k: int, sweep: Optional[dict], ks: Sequence[int]) -> list[str]:
+    outcomes, details = [], []
+    for aux in auxes:
+        base = ("topk", aux, k, "")
+        for rule in BATCH_RULES:
+            key = (rule, aux, k, "")
+            if key in grid and base in grid:
+                outcome, text = _pair(grid, key, base, "fvu", lambda s: ms(s, 4))
+                label = f"{cell_label(rule, aux)} (grid)"
+                outcomes.append((label, outcome))
+                details.append(f"{label}: FVU @ L0 = k {text} (TopK)")
+    for k_sweep in ks if sweep else ():
+        base = ("topk", "k", k_sweep, "")
+        for rule in BATCH_RULES:
+            key = (rule, "k", k_sweep, "")
+            if key in sweep and base in sweep:
+                outcome, text = _pair(sweep, key, base, "fvu", lambda s: ms(s, 4))
+                label = f"{RULE_LABELS[rule]} k={k_sweep} (sweep)"
+                outcomes.append((label, outcome))
+                details.append(f"{label}: FVU @ L0 = k {text} (TopK)")
+    return [f"**Claim 2: FC and MC SAEs reconstruct better (lower FVU) than TopK at equal sparsity.** "
+            f"{verdict(outcomes)} (held-out FVU, batch rules calibrated to L0 = k).", "",
+            *[f"- {d}" for d in details], ""]
+
+
+def claim_aux(table: dict, rules: Sequence[str], k: int) -> list[str]:
+    outcomes, details = [], []
+    for rule in rules:
+        zipf, aux_k = (rule, "zipf", k, ""), (rule, "k", k, "")
+        if zipf not in table or aux_k not in table:
+            continue
+        dead, dead_text = _pair(table, zipf, aux_k, "dead_train", pct)
+        under, under_text = _pair(table, zipf, aux_k, "under_train", pct)
+        _, fvu_text = _pair(table, zipf, aux_k, "fvu", lambda s: ms(s, 4))
+        better = ("lower" if dead != "higher" and under != "higher" and "lower" in (dead, under)
+                  else "higher" if "higher" in (dead, under) and "lower" not in (dead, under) else "same")
+        outcomes.append((RULE_LABELS[rule], better))
+        details.append(f"{RULE_LABELS[rule]}: aux_zipf vs aux_k: dead {dead_text}, under-used {under_text} "
+                       f"(training); FVU @ L0 = k {fvu_text}")
+    return [f"**Claim 3: aux_zipf_loss mitigates dead and under-used features better than aux_k_loss.** "
+            f"{verdict(outcomes)} (better = fewer dead or under-used features in training, neither worse).", "",
+            *[f"- {d}" for d in details], ""]
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def save_figure(figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    write_file(path, buffer.getvalue())
+
+
+def pareto_figure(table: dict, ks: Sequence[int], path: Path) -> None:
+    """Held-out FVU vs L0 per rule over the k-sweep: as trained and calibrated to L0 = k."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    rules = list(dict.fromkeys(rule for rule, *_ in table))
+    for ax, (fvu, l0, title) in zip(axes, (("fvu_trained", "l0_trained", "as trained (eval thresholds)"),
+                                           ("fvu", "l0", "calibrated to L0 = k"))):
+        for rule in rules:
+            points = [table[(rule, "k", k, "")] for k in ks if (rule, "k", k, "") in table]
+            ax.errorbar([p[l0]["mean"] for p in points], [p[fvu]["mean"] for p in points],
+                        yerr=[p[fvu]["std"] for p in points], marker="o", capsize=3, label=RULE_LABELS.get(rule, rule))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("held-out L0 (features per token)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out FVU")
+    axes[0].legend()
+    save_figure(figure, path)
+    plt.close(figure)
+
+
+def dead_figure(table: dict, path: Path) -> None:
+    """Dead and under-used fractions in training per rule and aux (grid), mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [key for key in table if not key[3]]
+    labels = [cell_label(rule, aux).replace(" + ", "\n") for rule, aux, _, _ in keys]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4))
+    panels = (("dead_train", "dead in training"), ("under_train", "under-used in training"))
+    for ax, (metric, title) in zip(axes, panels):
+        ax.bar(range(len(keys)), [100 * table[key][metric]["mean"] for key in keys],
+               yerr=[100 * table[key][metric]["std"] for key in keys], capsize=3,
+               color=[f"C{list(AUX_LABELS).index(key[1])}" for key in keys])
+        ax.set_xticks(range(len(keys)), labels, fontsize=7)
+        ax.set_ylabel("% of features")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    save_figure(figure, path)
+    plt.close(figure)
+
+
+# -------------------------------------------------------------------------------------------- report
+
+
+def load(results: Path, part: str) -> Optional[dict]:
+    path = results / f"study_{part}_cpu.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def render(results: Path) -> str:
+    """The section's markdown (figures referenced by path relative to the README)."""
+    grid, sweep, synthetic, peers = (load(results, part) for part in ("grid", "ksweep", "synthetic", "peers"))
+    rel = _relative(results)
+    lines = ["Generated by `make study` (`benchmarks/study.py`; `--report-only` rewrites this section) from "
+             f"`{rel}/study_*_cpu.json`. Mean ± std over seeds; a difference counts only when the gap of the "
+             "means exceeds the sum of the two standard deviations. FVU and L0 are held-out (the evaluation half "
+             "of the held-out tokens); **@ L0 = k**: Feature Choice (FC) and Mutual Choice (MC) with their "
+             "thresholds calibrated to L0 = k on the calibration half, TopK as it is (its L0 is k). Dead = no "
+             "activation in the run's dead window (training) or on any evaluation token (eval, at L0 = k); "
+             "under-used = firing on fewer than a tenth of the uniform share k / F of the tokens.", ""]
+    verdicts: list[str] = []
+    if grid is not None and grid["runs"]:
+        k = grid["setting"]["k"]
+        table = cells(grid)
+        lines += ["### The dead-feature setting: rules x auxiliary loss", "",
+                  f"{describe_setting(grid)}. Setting: {grid.get('setting_source') or 'study.py defaults'}. "
+                  f"aux_zipf options: `{json.dumps(grid.get('aux_zipf_options') or {})}`. Cost: {cost(grid)}.", "",
+                  *grid_table(table), "", f"![dead and under-used features]({rel}/{DEAD_FIGURE})", ""]
+        sweep_table = cells(sweep) if sweep is not None and sweep["runs"] else None
+        ks = sweep["setting"]["ks"] if sweep_table else ()
+        verdicts += claim_dead(table, grid["aux"], k)
+        verdicts += claim_fvu(table, grid["aux"], k, sweep_table, ks)
+        verdicts += claim_aux(table, list(grid["rules"]), k)
+    if sweep is not None and sweep["runs"]:
+        ks = sweep["setting"]["ks"]
+        lines += ["### FVU vs L0 (k-sweep)", "",
+                  f"{describe_setting(sweep)}; aux_k_loss (the default). Cost: {cost(sweep)}.", "",
+                  *ksweep_table(cells(sweep), ks), "", f"![FVU vs L0]({rel}/{PARETO_FIGURE})", ""]
+    if synthetic is not None and synthetic["runs"]:
+        lines += ["### Synthetic ground truth: feature recovery", "",
+                  f"{describe_setting(synthetic)}. Feature recovery = mean over the true features of the best "
+                  f"cosine with a decoder row (1 = every true feature found). Cost: {cost(synthetic)}.", "",
+                  *synthetic_table(cells(synthetic)), ""]
+    lines += ["### Peers", "", *peers_lines(peers), ""]
+    if verdicts:
+        lines += ["### Verdicts", "", *verdicts]
+    lines += ["### What this study could not settle", "", *not_settled(grid), ""]
+    return "\n".join(lines)
+
+
+def not_settled(grid: Optional[dict]) -> list[str]:
+    tokens = grid["setting"]["steps"] * grid["setting"]["batch_size"] if grid else 0
+    return [f"- **Scale.** Every run here is CPU-sized ({tokens:,} training tokens at the dead-feature setting, "
+            "2 shared cores, no GPU in this session); the paper trains on far more tokens and wider dictionaries. "
+            "Dead features that appear only late in long runs, or vanish with more data, are outside what was "
+            "measured.",
+            "- **One model, one layer.** MiniLM-L6 layer 3 only; other models and layers may differ.",
+            "- **Three seeds.** Differences smaller than the seeds' spread are reported as such, not as effects.",
+            "- **Downstream quality** (loss recovered, interpretability) is not measured by this study."]
+
+
+def _relative(results: Path) -> str:
+    try:
+        return str(results.resolve().relative_to(_common.README.parent))
+    except ValueError:
+        return str(results)
+
+
+def report(results: Path, readme: Optional[Path]) -> str:
+    """Figures into ``results``, the section (returned) into ``readme`` between the study markers."""
+    grid, sweep = load(results, "grid"), load(results, "ksweep")
+    if grid is not None and grid["runs"]:
+        dead_figure(cells(grid), results / DEAD_FIGURE)
+    if sweep is not None and sweep["runs"]:
+        pareto_figure(cells(sweep), sweep["setting"]["ks"], results / PARETO_FIGURE)
+    section = render(results)
+    if readme is not None and not _common.write_marked_section(section, START, END, readme):
+        raise SystemExit(f"{readme} has no {START} ... {END} markers; add them under a '## Does it work?' heading")
+    return section
