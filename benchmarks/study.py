@@ -210,7 +210,8 @@ def train_run(setting: Setting, rule: str, aux: str, k: int, seed: int, aux_zipf
     window = trainer.window.summary(trainer.usage, sae.budget(setting.batch_size) / setting.batch_size)
     record = {
         "rule": rule, "rule_name": config.rule, "rule_options": config.rule_options_given(), "aux": aux,
-        "aux_options": aux_zipf_options if aux == "zipf" else {}, "k": k, "seed": seed,
+        "aux_options": aux_zipf_options if aux == "zipf" else {},
+        "aux_config": aux_zipf_config(config) if aux == "zipf" else {}, "k": k, "seed": seed,
         "training": {key: window[key] for key in ("fvu", "l0", "dead_fraction", "under_used_fraction")},
         "as_trained": heldout_metrics(sae, data.evaluation, k),
         "calibrated": None,
@@ -235,8 +236,16 @@ def zero_capacity_fraction(sae, batch_size: int) -> float:
     return 0.0 if capacity is None else float((capacity == 0).mean())
 
 
-def run_key(rule: str, aux: str, k: int, seed: int, aux_zipf_options: dict) -> str:
-    options = json.dumps(aux_zipf_options, sort_keys=True) if aux == "zipf" and aux_zipf_options else ""
+def aux_zipf_config(config: TrainConfig) -> dict:
+    """The TrainConfig fields that shape aux_zipf_loss (zipf_* but the rule's zipf_capacities), as in effect."""
+    return {f.name: getattr(config, f.name) for f in fields(TrainConfig)
+            if f.name.startswith("zipf_") and f.name != "zipf_capacities"}
+
+
+def run_key(rule: str, aux: str, k: int, seed: int, aux_config: dict) -> str:
+    """A run's identity in its results file; aux_zipf runs include the aux_zipf fields in effect, so a change of
+    TrainConfig's aux_zipf defaults (or of --aux-zipf-options) reruns exactly those runs."""
+    options = json.dumps(aux_config, sort_keys=True) if aux == "zipf" else ""
     return f"{rule}|aux={aux}{options}|k={k}|seed={seed}"
 
 
@@ -282,9 +291,11 @@ def run_part(part: str, setting: Setting, seeds: Sequence[int], path: Path, args
         "setting_source": args.setting_source.get(part), "runs": runs, "complete": False,
         "caveat": _common.LOAD_CAVEAT,
     }
+    current = aux_zipf_config(train_config(setting, args.rules[0], "zipf", setting.k, 0, aux_zipf_options))
+    payload["aux_zipf_config"] = current
     started = time.perf_counter()
     for rule, aux, k, seed in planned_runs(part, setting, seeds, args.rules, args.aux):
-        key = run_key(rule, aux, k, seed, aux_zipf_options)
+        key = run_key(rule, aux, k, seed, current)
         if key in done:
             continue
         record = {"key": key, **train_run(setting, rule, aux, k, seed, aux_zipf_options),

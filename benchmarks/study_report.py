@@ -60,12 +60,14 @@ METRICS = {
 
 
 def cells(payload: dict) -> dict:
-    """(rule, aux, k, options) -> {metric: mean_std over seeds}; options = the aux_zipf options ('' if current)."""
-    current = json.dumps(payload.get("aux_zipf_options") or {}, sort_keys=True)
+    """(rule, aux, k, tag) -> {metric: mean_std over seeds}; tag = '' or, for aux_zipf runs with other aux_zipf
+    settings than the file's current ones, how they differ (an earlier formula, kept for comparison)."""
+    current = payload.get("aux_zipf_config") or {}
     groups: dict = {}
     for run in payload["runs"]:
-        options = json.dumps(run.get("aux_options") or {}, sort_keys=True) if run["aux"] == "zipf" else current
-        tag = "" if options == current else options
+        config = run.get("aux_config") or {}
+        tag = ", ".join(f"{name}={config.get(name)}" for name in sorted(set(config) | set(current))
+                        if config.get(name) != current.get(name)) if run["aux"] == "zipf" else ""
         groups.setdefault((run["rule"], run["aux"], run["k"], tag), []).append(run)
     return {key: {name: mean_std([get(r) for r in runs]) for name, get in METRICS.items()} | {"seeds": len(runs)}
             for key, runs in groups.items()}

@@ -58,8 +58,12 @@ def test_a_rerun_of_the_same_setting_reuses_its_runs_and_new_aux_zipf_options_re
     payload = study.run_part("grid", args.settings["grid"], args.seeds, path, args, log=lambda _: None)
     keys = [run["key"] for run in payload["runs"]]
     assert keys[: len(before)] == [run["key"] for run in before]  # every earlier run kept, none retrained
-    assert keys[len(before):] == ['topk|aux=zipf{"zipf_s": 0.5}|k=4|seed=0']
-    assert payload["runs"][-1]["aux_options"] == {"zipf_s": 0.5}
+    assert len(keys) == len(before) + 1 and len(set(keys)) == len(keys)
+    new = payload["runs"][-1]
+    assert (new["rule"], new["aux"], new["aux_options"], new["aux_config"]["zipf_s"]) == ("topk", "zipf",
+                                                                                        {"zipf_s": 0.5}, 0.5)
+    table = study_report.cells(payload)  # the earlier aux_zipf cell stays, tagged with how it differs
+    assert ("topk", "zipf", 4, "") in table and ("topk", "zipf", 4, "zipf_s=1.0") in table
 
 
 def test_the_readme_section_is_rendered_between_the_markers_with_a_verdict_per_claim(quick):
