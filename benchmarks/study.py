@@ -336,7 +336,7 @@ PROTOCOL = {
 
 def run_peers(setting: Setting, seeds: Sequence[int], path: Path, args: argparse.Namespace) -> dict:
     """The peers' TopK / BatchTopK as reference rows (bench_peers' protocol), or a record of why not."""
-    missing = sorted({_peers_family(name) for name in PEER_SYSTEMS if not _peers_available(name)})
+    missing = sorted({_peers_family(name) for name in args.peer_systems if not _peers_available(name)})
     payload = {"benchmark": "study", "part": "peers", "file": path.name, "command": args.command,
                "setting": asdict(setting), "setting_id": setting_id(setting), "seeds": list(seeds)}
     if missing:
@@ -348,7 +348,7 @@ def run_peers(setting: Setting, seeds: Sequence[int], path: Path, args: argparse
     import _peers
 
     data = bench_peers.Data(cached_data(setting, seeds[0]).source)
-    factories = [_peers.SYSTEMS[name] for name in PEER_SYSTEMS]
+    factories = [_peers.SYSTEMS[name] for name in args.peer_systems]
     runs, started = [], time.perf_counter()
     with _peers.temporary_workdir() as workdir:
         for seed in seeds:
@@ -416,6 +416,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "e.g. a deficit variant; part of their key, so new options rerun only those runs")
     parser.add_argument("--redo", action="append", default=[], help="KEY=VALUE: rerun the runs whose field KEY is "
                         "VALUE (e.g. aux=zipf), repeatable")
+    parser.add_argument("--peer-systems", default=",".join(PEER_SYSTEMS), help="peers part: bench_peers systems")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--out-dir", type=Path, help="results and figures (default benchmarks/results; --quick: "
                         "runs/study-quick)")
@@ -433,6 +434,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         bad = [v for v in values if v not in allowed]
         if bad:
             raise SystemExit(f"{name}: unknown {bad}; choose from {', '.join(allowed)}")
+    args.peer_systems = [name.strip() for name in args.peer_systems.split(",")]
     args.aux_zipf_options = json.loads(args.aux_zipf_options)
     if args.quick:
         args.seeds = "0" if args.seeds == "0,1,2" else args.seeds

@@ -348,6 +348,11 @@ def render(results: Path) -> str:
              "thresholds calibrated to L0 = k on the calibration half, TopK as it is (its L0 is k). Dead = no "
              "activation in the run's dead window (training) or on any evaluation token (eval, at L0 = k); "
              "under-used = firing on fewer than a tenth of the uniform share k / F of the tokens.", ""]
+    payloads = [p for p in (grid, sweep, synthetic) if p is not None]
+    total = sum(r["seconds"] for p in payloads for r in p["runs"])
+    lines += [f"The whole study: {sum(len(p['runs']) for p in payloads)} runs, {total / 60:.0f} min of training and "
+              f"evaluation on one CPU thread (torch {payloads[0]['machine']['torch'] if payloads else '?'}, a 2-core "
+              "machine shared with other jobs: see each file's load averages).", ""]
     verdicts: list[str] = []
     if grid is not None and grid["runs"]:
         k = grid["setting"]["k"]
@@ -363,8 +368,15 @@ def render(results: Path) -> str:
         verdicts += claim_aux(table, list(grid["rules"]), k)
     if sweep is not None and sweep["runs"]:
         ks = sweep["setting"]["ks"]
+        smaller = ""
+        if grid is not None:
+            small, large = sweep["setting"], grid["setting"]
+            smaller = (f" Smaller than the dead-feature setting (F = {small['n_features']} instead of "
+                       f"{large['n_features']}, {small['steps'] * small['batch_size']:,} instead of "
+                       f"{large['steps'] * large['batch_size']:,} training tokens) so that its runs fit "
+                       "the CPU budget.")
         lines += ["### FVU vs L0 (k-sweep)", "",
-                  f"{describe_setting(sweep)}; aux_k_loss (the default). Cost: {cost(sweep)}.", "",
+                  f"{describe_setting(sweep)}; aux_k_loss (the default).{smaller} Cost: {cost(sweep)}.", "",
                   *ksweep_table(cells(sweep), ks), "", f"![FVU vs L0]({rel}/{PARETO_FIGURE})", ""]
     if synthetic is not None and synthetic["runs"]:
         lines += ["### Synthetic ground truth: feature recovery", "",

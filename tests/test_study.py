@@ -92,3 +92,13 @@ def test_verdicts_follow_the_numbers():
 def test_an_unknown_trainconfig_option_is_refused_by_name():
     with pytest.raises(SystemExit, match="no_such_field"):
         study.train_config(study.QUICK["grid"], "topk", "zipf", 4, 0, {"no_such_field": 1})
+
+
+def test_the_peers_part_runs_the_peer_protocol_and_renders_reference_rows(tmp_path):
+    """Here with allocation's own adapters (the peers themselves are not installed under make test)."""
+    args = study.parse_args(["--quick", "--parts", "peers", "--peer-systems", "allocation-topk,allocation-mc",
+                             "--out-dir", str(tmp_path)])
+    payload = study.run_peers(args.settings["peers"], args.seeds, tmp_path / "study_peers_cpu.json", args)
+    assert payload["complete"] and set(payload["runs"][0]["systems"]) == {"allocation-topk", "allocation-mc"}
+    lines = study_report.peers_lines(json.loads((tmp_path / "study_peers_cpu.json").read_text()))
+    assert any(line.startswith("| allocation-mc |") for line in lines)
