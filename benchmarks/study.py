@@ -42,9 +42,10 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -92,8 +93,8 @@ class Setting:
 
 
 DEFAULTS = {
-    # replaced by --setting (the dead-feature setting found for issue 13, part 1)
-    "grid": Setting(data_options={"n_tokens": 50_000}, k=16, n_features=4096, steps=240, dead_tokens=30_720),
+    # the dead-feature setting: TopK + aux_k_loss still leaves features dead (see SETTING_NOTES)
+    "grid": Setting(data_options={"n_tokens": 242_447}, k=8, n_features=2048, steps=200, dead_tokens=25_600),
     # smaller than the grid (F = 1024, 82k tokens) to fit 48 runs in about 12 min on one shared core
     "ksweep": Setting(data_options={"n_tokens": 50_000}, n_features=1024, steps=160, ks=(8, 16, 32, 64),
                       dead_tokens=20_480),
@@ -101,6 +102,12 @@ DEFAULTS = {
                          k=8, n_features=512, steps=240, dead_tokens=30_720),
 }
 DEFAULTS["peers"] = DEFAULTS["grid"]
+SETTING_NOTES = {  # how each default setting was chosen (rendered in the README)
+    "grid": "study.py's placeholder setting",
+    "ksweep": "sized so that its 48 runs take about 12 min on one shared core",
+    "synthetic": "sized so that its 36 runs take about 5 min on one shared core",
+}
+SETTING_NOTES["peers"] = SETTING_NOTES["grid"]
 QUICK = {
     "grid": Setting(data="random", data_options={"n_tokens": 1200, "d_in": 16}, k=4, n_features=64, steps=6,
                     batch_size=32, dead_tokens=64, eval_tokens=256),
@@ -251,10 +258,10 @@ def run_key(rule: str, aux: str, k: int, seed: int, aux_config: dict) -> str:
 
 def planned_runs(part: str, setting: Setting, seeds: Sequence[int], rules: Sequence[str],
                  auxes: Sequence[str]) -> list[tuple]:
-    """(rule, aux, k, seed) of every run of a part, seed-major (a partial study has every rule of a seed)."""
+    """(rule, aux, k, seed) of every run: aux-major (grid), seed-major (sweep); the rules of a seed together."""
     if part == "ksweep":
         return [(rule, "k", k, seed) for seed in seeds for k in setting.ks for rule in rules]
-    return [(rule, aux, setting.k, seed) for seed in seeds for aux in auxes for rule in rules]
+    return [(rule, aux, setting.k, seed) for aux in auxes for seed in seeds for rule in rules]
 
 
 def setting_id(setting: Setting) -> str:
@@ -277,38 +284,62 @@ def load_previous(path: Path, setting: Setting) -> list[dict]:
 
 def run_part(part: str, setting: Setting, seeds: Sequence[int], path: Path, args: argparse.Namespace,
              log: Callable[[str], None] = print) -> dict:
-    """Every planned run of a part not already in ``path`` (same setting), the file rewritten after each."""
+    """Every planned run of a part not already in ``path`` (same setting), the file rewritten after each.
+
+    Several processes may run parts of the same file (e.g. ``--aux none,k`` and ``--aux zipf``): each write
+    merges the file's runs with this process's under a lock, by key.
+    """
     aux_zipf_options = args.aux_zipf_options
-    runs = load_previous(path, setting)
-    redo = [item.split("=", 1) for item in args.redo]
-    runs = [r for r in runs if not any(str(r.get(key)) == value for key, value in redo)]
-    done = {r["key"] for r in runs}
+    current = aux_zipf_config(train_config(setting, args.rules[0], "zipf", setting.k, 0, aux_zipf_options))
     payload = {
         "benchmark": "study", "part": part, "file": path.name, "command": args.command,
         "machine": _common.machine(torch.device("cpu")), "setting": asdict(setting), "setting_id": setting_id(setting),
-        "seeds": list(seeds), "rules": {name: RULES[name] for name in args.rules}, "aux": list(args.aux),
-        "aux_zipf_options": aux_zipf_options, "protocol": PROTOCOL, "quick": args.quick,
-        "setting_source": args.setting_source.get(part), "runs": runs, "complete": False,
-        "caveat": _common.LOAD_CAVEAT,
+        "seeds": list(seeds), "rules": {name: RULES[name] for name in RULES}, "aux": list(AUX),
+        "aux_zipf_options": aux_zipf_options, "aux_zipf_config": current, "protocol": PROTOCOL, "quick": args.quick,
+        "setting_source": args.setting_source.get(part) or SETTING_NOTES[part], "caveat": _common.LOAD_CAVEAT,
     }
-    current = aux_zipf_config(train_config(setting, args.rules[0], "zipf", setting.k, 0, aux_zipf_options))
-    payload["aux_zipf_config"] = current
+    full_plan = {run_key(rule, aux, k, seed, current)
+                 for rule, aux, k, seed in planned_runs(part, setting, seeds, list(RULES), list(AUX))}
+    redo = [item.split("=", 1) for item in args.redo]
+    mine: dict = {}
+
+    def save(drop_redo: bool = False) -> dict:
+        with locked(path):
+            runs = load_previous(path, setting)
+            if drop_redo:
+                runs = [r for r in runs if not any(str(r.get(key)) == value for key, value in redo)]
+            runs = [r for r in runs if r["key"] not in mine] + list(mine.values())
+            payload.update(runs=runs, complete=full_plan <= {r["key"] for r in runs},
+                           total_run_seconds=sum(r["seconds"] for r in runs),
+                           wall_seconds=time.perf_counter() - started)
+            write_json(path, payload)
+        return payload
+
     started = time.perf_counter()
+    done = {r["key"] for r in save(drop_redo=True)["runs"]}
     for rule, aux, k, seed in planned_runs(part, setting, seeds, args.rules, args.aux):
         key = run_key(rule, aux, k, seed, current)
         if key in done:
             continue
-        record = {"key": key, **train_run(setting, rule, aux, k, seed, aux_zipf_options),
-                  "load_average": [round(x, 2) for x in os.getloadavg()]}
-        runs.append(record)
-        payload["wall_seconds"] = time.perf_counter() - started
-        write_json(path, payload)
-        log(describe_run(part, record))
-    payload["complete"] = True
-    payload["wall_seconds"] = time.perf_counter() - started
-    payload["total_run_seconds"] = sum(r["seconds"] for r in runs)
-    write_json(path, payload)
-    return payload
+        mine[key] = {"key": key, **train_run(setting, rule, aux, k, seed, aux_zipf_options),
+                     "load_average": [round(x, 2) for x in os.getloadavg()]}
+        save()
+        log(describe_run(part, mine[key]))
+    return save()
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``<path>.lock`` (fcntl) while a results file is read, merged and rewritten."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def describe_run(part: str, r: dict) -> str:

@@ -135,14 +135,14 @@ def grid_table(table: dict) -> list[str]:
 
 def ksweep_table(table: dict, ks: Sequence[int]) -> list[str]:
     rules = list(dict.fromkeys(rule for rule, *_ in table))
-    lines = ["| rule | " + " | ".join(f"k = {k}: as trained @ L0 / @ L0 = k" for k in ks) + " |",
+    lines = ["| rule | " + " | ".join(f"k = {k}: as trained / calibrated to k" for k in ks) + " |",
              "|---|" + "---|" * len(ks)]
     for rule in rules:
         row = []
         for k in ks:
             c = table.get((rule, "k", k, ""))
             row.append("—" if c is None else f"{ms(c['fvu_trained'], 4)} @ {c['l0_trained']['mean']:.1f} / "
-                       f"{ms(c['fvu'], 4)}")
+                       f"{ms(c['fvu'], 4)} @ {c['l0']['mean']:.1f}")
         lines.append(f"| {RULE_LABELS.get(rule, rule)} | " + " | ".join(row) + " |")
     return lines
 
