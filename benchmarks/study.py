@@ -58,6 +58,7 @@ import study_report  # noqa: E402
 from allocation.sae import TrainConfig, Trainer, calibrated_copy, feature_recovery, load_activations  # noqa: E402
 from allocation.sae.atomic import write_file  # noqa: E402
 from allocation.sae.metrics import under_used_fraction  # noqa: E402
+from allocation.sae.train import FIELDS_BEFORE_0_2  # noqa: E402
 
 RULES = {  # label -> TrainConfig fields of the rule
     "topk": {"rule": "topk"},
@@ -244,9 +245,12 @@ def zero_capacity_fraction(sae, batch_size: int) -> float:
 
 
 def aux_zipf_config(config: TrainConfig) -> dict:
-    """The TrainConfig fields that shape aux_zipf_loss (zipf_* but the rule's zipf_capacities), as in effect."""
+    """The TrainConfig fields that shape aux_zipf_loss (zipf_* but the rule's zipf_capacities), as in effect;
+    a field at the value configs trained with before it existed (FIELDS_BEFORE_0_2) is left out, so adding an
+    option that keeps the old formula by default does not change the runs' keys."""
     return {f.name: getattr(config, f.name) for f in fields(TrainConfig)
-            if f.name.startswith("zipf_") and f.name != "zipf_capacities"}
+            if f.name.startswith("zipf_") and f.name != "zipf_capacities"
+            and (f.name not in FIELDS_BEFORE_0_2 or FIELDS_BEFORE_0_2[f.name] != getattr(config, f.name))}
 
 
 def run_key(rule: str, aux: str, k: int, seed: int, aux_config: dict) -> str:

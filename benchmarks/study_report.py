@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from allocation.sae.atomic import write_file  # noqa: E402
+from allocation.sae.train import FIELDS_BEFORE_0_2  # noqa: E402
 
 START, END = "<!-- study:start -->", "<!-- study:end -->"
 RULE_LABELS = {"topk": "TopK", "feature-choice": "FC", "feature-choice-zipf": "FC Zipf s=1",
@@ -66,11 +67,16 @@ def cells(payload: dict) -> dict:
     groups: dict = {}
     for run in payload["runs"]:
         config = run.get("aux_config") or {}
-        tag = ", ".join(f"{name}={config.get(name)}" for name in sorted(set(config) | set(current))
-                        if config.get(name) != current.get(name)) if run["aux"] == "zipf" else ""
+        tag = ", ".join(f"{name}={_field(config, name)}" for name in sorted(set(config) | set(current))
+                        if _field(config, name) != _field(current, name)) if run["aux"] == "zipf" else ""
         groups.setdefault((run["rule"], run["aux"], run["k"], tag), []).append(run)
     return {key: {name: mean_std([get(r) for r in runs]) for name, get in METRICS.items()} | {"seeds": len(runs)}
             for key, runs in groups.items()}
+
+
+def _field(settings: dict, name: str):
+    """An aux_zipf field of a run; one left out is at the value of the formula before it (FIELDS_BEFORE_0_2)."""
+    return settings.get(name, FIELDS_BEFORE_0_2.get(name))
 
 
 def compare(a: dict, b: dict) -> str:
@@ -154,6 +160,19 @@ def synthetic_table(table: dict) -> list[str]:
         lines.append(f"| {cell_label(rule, aux, tag)} | {ms(c['recovery'])} | {ms(c['fvu'], 4)} "
                      f"| {pct(c['dead_train'])} | {pct(c['under_train'])} |")
     return lines
+
+
+def zero_capacity_note(table: dict, setting: dict) -> list[str]:
+    """Which rules' own training caps leave features no room at all (they count as dead in training)."""
+    zero = {rule: c["zero_cap"]["mean"] for (rule, *_), c in table.items() if c["zero_cap"]["mean"] > 0}
+    if not zero:
+        return []
+    parts = ", ".join(f"{RULE_LABELS.get(rule, rule)}: {value:.1%}" for rule, value in zero.items())
+    return [f"Features whose per-feature cap in a training batch of {setting['batch_size']} tokens is 0 ({parts}): "
+            "Zipf capacities m_j ∝ j^-s rounded to integers give the tail ranks no token, so those features can "
+            "never fire in training and count as dead there, whatever the auxiliary loss does (as trained their "
+            "thresholds keep them closed; calibrated on more tokens than a batch, their rescaled caps can reopen "
+            "them).", ""]
 
 
 def peers_lines(payload: Optional[dict]) -> list[str]:
@@ -281,7 +300,7 @@ def save_figure(figure, path: Path) -> None:
     write_file(path, buffer.getvalue())
 
 
-def pareto_figure(table: dict, ks: Sequence[int], path: Path) -> None:
+def pareto_figure(table: dict, ks: Sequence[int], path: Path, title: str = "") -> None:
     """Held-out FVU vs L0 per rule over the k-sweep: as trained and calibrated to L0 = k."""
     import matplotlib
 
@@ -290,18 +309,19 @@ def pareto_figure(table: dict, ks: Sequence[int], path: Path) -> None:
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     rules = list(dict.fromkeys(rule for rule, *_ in table))
-    for ax, (fvu, l0, title) in zip(axes, (("fvu_trained", "l0_trained", "as trained (eval thresholds)"),
-                                           ("fvu", "l0", "calibrated to L0 = k"))):
+    for ax, (fvu, l0, name) in zip(axes, (("fvu_trained", "l0_trained", "as trained (eval thresholds)"),
+                                          ("fvu", "l0", "calibrated to L0 = k"))):
         for rule in rules:
             points = [table[(rule, "k", k, "")] for k in ks if (rule, "k", k, "") in table]
             ax.errorbar([p[l0]["mean"] for p in points], [p[fvu]["mean"] for p in points],
                         yerr=[p[fvu]["std"] for p in points], marker="o", capsize=3, label=RULE_LABELS.get(rule, rule))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("held-out L0 (features per token)")
-        ax.set_title(title)
+        ax.set_title(name)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out FVU")
     axes[0].legend()
+    figure.suptitle(title, fontsize=9)
     save_figure(figure, path)
     plt.close(figure)
 
@@ -360,7 +380,8 @@ def render(results: Path) -> str:
         lines += ["### The dead-feature setting: rules x auxiliary loss", "",
                   f"{describe_setting(grid)}. Setting: {grid.get('setting_source') or 'study.py defaults'}. "
                   f"aux_zipf options: `{json.dumps(grid.get('aux_zipf_options') or {})}`. Cost: {cost(grid)}.", "",
-                  *grid_table(table), "", f"![dead and under-used features]({rel}/{DEAD_FIGURE})", ""]
+                  *grid_table(table), "", *zero_capacity_note(table, grid["setting"]),
+                  f"![dead and under-used features]({rel}/{DEAD_FIGURE})", ""]
         sweep_table = cells(sweep) if sweep is not None and sweep["runs"] else None
         ks = sweep["setting"]["ks"] if sweep_table else ()
         verdicts += claim_dead(table, grid["aux"], k)
@@ -414,7 +435,10 @@ def report(results: Path, readme: Optional[Path]) -> str:
     if grid is not None and grid["runs"]:
         dead_figure(cells(grid), results / DEAD_FIGURE)
     if sweep is not None and sweep["runs"]:
-        pareto_figure(cells(sweep), sweep["setting"]["ks"], results / PARETO_FIGURE)
+        s = sweep["setting"]
+        title = (f"MiniLM layer 3, F = {s['n_features']}, {s['steps'] * s['batch_size']:,} tokens, aux_k_loss; "
+                 f"mean ± std over seeds {sweep['seeds']}")
+        pareto_figure(cells(sweep), s["ks"], results / PARETO_FIGURE, title)
     section = render(results)
     if readme is not None and not _common.write_marked_section(section, START, END, readme):
         raise SystemExit(f"{readme} has no {START} ... {END} markers; add them under a '## Does it work?' heading")
