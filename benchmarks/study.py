@@ -104,7 +104,12 @@ DEFAULTS = {
 }
 DEFAULTS["peers"] = DEFAULTS["grid"]
 SETTING_NOTES = {  # how each default setting was chosen (rendered in the README)
-    "grid": "study.py's placeholder setting",
+    "grid": "a scaled-down variant of the dead-feature setting found for issue 13 part 1 (MiniLM, all 242,447 "
+            "corpus tokens, F = 4096, k = 16, 256k tokens in batches of 1024, lr 2e-3, dead window 25,600 tokens: "
+            "TopK + aux_k ended with 3.3% dead there, but one run took 256 s under this session's load, 2.5 h for "
+            "36 runs). Same data, lr and dead window, F / k = 256 kept, half the width and 40% of the tokens "
+            "(batch 512, so the dead window is a quarter of the run); the TopK + aux_k row below shows that "
+            "features still die here",
     "ksweep": "sized so that its 48 runs take about 12 min on one shared core",
     "synthetic": "sized so that its 36 runs take about 5 min on one shared core",
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -35,6 +36,8 @@ PARETO_FIGURE, DEAD_FIGURE = "study_pareto.png", "study_dead.png"
 
 def mean_std(values: Sequence[float]) -> dict:
     values = [float(v) for v in values]
+    if any(math.isnan(v) for v in values):  # a metric the part does not measure (recovery off synthetic data)
+        return {"mean": math.nan, "std": math.nan, "n": len(values)}
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values)}
 
@@ -70,8 +73,14 @@ def cells(payload: dict) -> dict:
         tag = ", ".join(f"{name}={_field(config, name)}" for name in sorted(set(config) | set(current))
                         if _field(config, name) != _field(current, name)) if run["aux"] == "zipf" else ""
         groups.setdefault((run["rule"], run["aux"], run["k"], tag), []).append(run)
-    return {key: {name: mean_std([get(r) for r in runs]) for name, get in METRICS.items()} | {"seeds": len(runs)}
-            for key, runs in groups.items()}
+    rules, auxes = list(RULE_LABELS), list(AUX_LABELS)
+
+    def order(key: tuple) -> tuple:  # aux, then tag (current first), then rule, then k
+        rule, aux, k, tag = key
+        return (auxes.index(aux) if aux in auxes else len(auxes), tag, rules.index(rule) if rule in rules else 99, k)
+
+    return {key: {name: mean_std([get(r) for r in groups[key]]) for name, get in METRICS.items()}
+            | {"seeds": len(groups[key])} for key in sorted(groups, key=order)}
 
 
 def _field(settings: dict, name: str):
@@ -128,11 +137,12 @@ def cost(payload: dict) -> str:
 
 
 def grid_table(table: dict) -> list[str]:
-    lines = ["| rule + aux | FVU as trained @ L0 | FVU @ L0 = k | L0 std over tokens | dead (training) "
+    lines = ["| rule + aux | seeds | FVU as trained @ L0 | FVU @ L0 = k | L0 std over tokens | dead (training) "
              "| under-used (training) | dead (eval) | under-used (eval) | s / run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (rule, aux, _, tag), c in table.items():
-        lines.append(f"| {cell_label(rule, aux, tag)} | {ms(c['fvu_trained'], 4)} @ {c['l0_trained']['mean']:.1f} "
+        lines.append(f"| {cell_label(rule, aux, tag)} | {c['seeds']} | {ms(c['fvu_trained'], 4)} "
+                     f"@ {c['l0_trained']['mean']:.1f} "
                      f"| {ms(c['fvu'], 4)} @ {c['l0']['mean']:.1f} | {c['l0_std']['mean']:.1f} "
                      f"| {pct(c['dead_train'])} | {pct(c['under_train'])} | {pct(c['dead_eval'])} "
                      f"| {pct(c['under_eval'])} | {c['seconds']['mean']:.0f} |")
