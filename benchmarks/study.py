@@ -12,6 +12,7 @@ interrupted study keeps what it measured; a rerun of the same setting skips the 
              x aux {none, aux_k_loss, aux_zipf_loss} x seeds, at the dead-feature setting
   ksweep     k in {8, 16, 32, 64} per rule, aux_k_loss (TrainConfig's default aux), a smaller width
   synthetic  synthetic ground truth (allocation.sae.synthetic): feature recovery per rule and aux
+  confirm    every rule with aux_k_loss at issue 13 part 1's (larger) dead-feature setting
   peers      sparsify TopK, SAELens TopK / BatchTopK on the peer protocol (bench_peers.run_seed) at the
              grid's k, F and steps, where the peer extra is importable; otherwise recorded as skipped
 
@@ -67,7 +68,7 @@ RULES = {  # label -> TrainConfig fields of the rule
     "mutual-choice": {"rule": "mutual-choice"},
 }
 AUX = ("none", "k", "zipf")
-PARTS = ("grid", "ksweep", "synthetic", "peers")
+PARTS = ("grid", "ksweep", "synthetic", "confirm", "peers")
 PEER_SYSTEMS = ("sparsify-topk", "saelens-topk", "saelens-batchtopk", "allocation-topk", "allocation-mc")
 TRAIN_WINDOW = 0.25  # training under-used fraction: over the last 25% of the steps
 
@@ -102,6 +103,9 @@ DEFAULTS = {
     "synthetic": Setting(data="synthetic", data_options={"d_in": 64, "n_true_features": 256, "mean_active": 8.0},
                          k=8, n_features=512, steps=240, dead_tokens=30_720),
 }
+# issue 13 part 1's dead-feature setting itself, every rule with aux_k_loss (too costly here for the whole grid)
+DEFAULTS["confirm"] = Setting(data_options={"n_tokens": 242_447}, k=16, n_features=4096, steps=250, batch_size=1024,
+                              dead_tokens=25_600)
 DEFAULTS["peers"] = DEFAULTS["grid"]
 SETTING_NOTES = {  # how each default setting was chosen (rendered in the README)
     "grid": "a scaled-down variant of the dead-feature setting found for issue 13 part 1 (MiniLM, all 242,447 "
@@ -113,6 +117,7 @@ SETTING_NOTES = {  # how each default setting was chosen (rendered in the README
     "ksweep": "sized so that its 48 runs take about 12 min on one shared core",
     "synthetic": "sized so that its 36 runs take about 5 min on one shared core",
 }
+SETTING_NOTES["confirm"] = "issue 13 part 1's dead-feature setting, aux_k_loss only (256 s a run here: no full grid)"
 SETTING_NOTES["peers"] = SETTING_NOTES["grid"]
 QUICK = {
     "grid": Setting(data="random", data_options={"n_tokens": 1200, "d_in": 16}, k=4, n_features=64, steps=6,
@@ -122,7 +127,7 @@ QUICK = {
     "synthetic": Setting(data="synthetic", data_options={"d_in": 16, "n_true_features": 48, "mean_active": 3.0},
                          k=4, n_features=64, steps=6, batch_size=32, dead_tokens=64, eval_tokens=256),
 }
-QUICK["peers"] = QUICK["grid"]
+QUICK["confirm"] = QUICK["peers"] = QUICK["grid"]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -270,6 +275,8 @@ def planned_runs(part: str, setting: Setting, seeds: Sequence[int], rules: Seque
     """(rule, aux, k, seed) of every run: aux-major (grid), seed-major (sweep); the rules of a seed together."""
     if part == "ksweep":
         return [(rule, "k", k, seed) for seed in seeds for k in setting.ks for rule in rules]
+    if part == "confirm":
+        return [(rule, "k", setting.k, seed) for seed in seeds for rule in rules]
     return [(rule, aux, setting.k, seed) for aux in auxes for seed in seeds for rule in rules]
 
 
@@ -452,6 +459,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "if it has one), keys of study.Setting, e.g. {\"n_features\": 16384, \"steps\": 400}")
     parser.add_argument("--ksweep-setting", help="the same for the k-sweep")
     parser.add_argument("--synthetic-setting", help="the same for the synthetic part")
+    parser.add_argument("--confirm-setting", help="the same for the confirm part")
     parser.add_argument("--aux-zipf-options", default="{}", help="TrainConfig fields for the aux=zipf runs (JSON), "
                         "e.g. a deficit variant; part of their key, so new options rerun only those runs")
     parser.add_argument("--redo", action="append", default=[], help="KEY=VALUE: rerun the runs whose field KEY is "
@@ -483,7 +491,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.settings, args.setting_source = {}, {}
     for part in PARTS:
         text = {"grid": args.setting, "peers": args.setting, "ksweep": args.ksweep_setting,
-                "synthetic": args.synthetic_setting}[part]
+                "synthetic": args.synthetic_setting, "confirm": args.confirm_setting}[part]
         args.settings[part] = make_setting(base[part], read_setting(text)) if text else base[part]
         args.setting_source[part] = text
     if args.out_dir is None:
