@@ -331,25 +331,33 @@ def pareto_figure(table: dict, ks: Sequence[int], path: Path, title: str = "") -
     plt.close(figure)
 
 
-def dead_figure(table: dict, path: Path) -> None:
-    """Dead and under-used fractions in training per rule and aux (grid), mean ± std over seeds."""
+def dead_figure(table: dict, path: Path, title: str = "") -> None:
+    """Dead and under-used fractions per rule (groups) and aux (colours), mean ± std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [key for key in table if not key[3]]
-    labels = [cell_label(rule, aux).replace(" + ", "\n") for rule, aux, _, _ in keys]
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4))
-    panels = (("dead_train", "dead in training"), ("under_train", "under-used in training"))
-    for ax, (metric, title) in zip(axes, panels):
-        ax.bar(range(len(keys)), [100 * table[key][metric]["mean"] for key in keys],
-               yerr=[100 * table[key][metric]["std"] for key in keys], capsize=3,
-               color=[f"C{list(AUX_LABELS).index(key[1])}" for key in keys])
-        ax.set_xticks(range(len(keys)), labels, fontsize=7)
+    rules = list(dict.fromkeys(rule for rule, _, _, tag in table if not tag))
+    auxes = list(dict.fromkeys(aux for _, aux, _, tag in table if not tag))
+    k = next(iter(table))[2]
+    width = 0.8 / max(len(auxes), 1)
+    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    panels = (("dead_train", "dead in training"), ("under_train", "under-used in training"),
+              ("dead_eval", "never fire on evaluation tokens (L0 = k)"))
+    for ax, (metric, name) in zip(axes, panels):
+        for index, aux in enumerate(auxes):
+            cells_ = [table.get((rule, aux, k, "")) for rule in rules]
+            ax.bar([r + (index - (len(auxes) - 1) / 2) * width for r in range(len(rules))],
+                   [100 * c[metric]["mean"] if c else 0 for c in cells_],
+                   yerr=[100 * c[metric]["std"] if c else 0 for c in cells_], width=width, capsize=2,
+                   label=AUX_LABELS.get(aux, aux))
+        ax.set_xticks(range(len(rules)), [RULE_LABELS.get(rule, rule) for rule in rules])
         ax.set_ylabel("% of features")
-        ax.set_title(title)
+        ax.set_title(name)
         ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(title="aux loss")
+    figure.suptitle(title, fontsize=9)
     save_figure(figure, path)
     plt.close(figure)
 
@@ -447,7 +455,10 @@ def report(results: Path, readme: Optional[Path]) -> str:
     """Figures into ``results``, the section (returned) into ``readme`` between the study markers."""
     grid, sweep = load(results, "grid"), load(results, "ksweep")
     if grid is not None and grid["runs"]:
-        dead_figure(cells(grid), results / DEAD_FIGURE)
+        s = grid["setting"]
+        dead_figure(cells(grid), results / DEAD_FIGURE,
+                    f"MiniLM layer 3, k = {s['k']}, F = {s['n_features']}, {s['steps'] * s['batch_size']:,} tokens, "
+                    f"dead window {s['dead_tokens']:,} tokens; mean ± std over seeds {grid['seeds']}")
     if sweep is not None and sweep["runs"]:
         s = sweep["setting"]
         title = (f"MiniLM layer 3, F = {s['n_features']}, {s['steps'] * s['batch_size']:,} tokens, aux_k_loss; "
