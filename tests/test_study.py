@@ -102,3 +102,13 @@ def test_the_peers_part_runs_the_peer_protocol_and_renders_reference_rows(tmp_pa
     assert payload["complete"] and set(payload["runs"][0]["systems"]) == {"allocation-topk", "allocation-mc"}
     lines = study_report.peers_lines(json.loads((tmp_path / "study_peers_cpu.json").read_text()))
     assert any(line.startswith("| allocation-mc |") for line in lines)
+
+
+def test_under_used_means_below_a_tenth_of_the_uniform_share():
+    import torch
+
+    from allocation.sae.metrics import under_used_fraction
+
+    # F = 4 features sharing L0 = 0.04 per token: uniform share 0.01, under-used below 0.001
+    frequency = torch.tensor([0.0, 0.0009, 0.002, 0.5])
+    assert under_used_fraction(frequency, 0.04) == 0.5
