@@ -298,6 +298,15 @@ def load_previous(path: Path, setting: Setting) -> list[dict]:
     return payload.get("runs", []) if payload.get("setting_id") == setting_id(setting) else []
 
 
+def previous_commands(path: Path, setting: Setting, command: str) -> list[str]:
+    """The commands that wrote ``path``'s runs of this setting so far, then ``command`` (once)."""
+    commands: list = []
+    if path.exists() and load_previous(path, setting):
+        earlier = json.loads(path.read_text())
+        commands = list(earlier.get("commands") or [earlier.get("command")])
+    return commands + ([command] if command not in commands else [])
+
+
 def run_part(part: str, setting: Setting, seeds: Sequence[int], path: Path, args: argparse.Namespace,
              log: Callable[[str], None] = print) -> dict:
     """Every planned run of a part not already in ``path`` (same setting), the file rewritten after each.
@@ -322,6 +331,7 @@ def run_part(part: str, setting: Setting, seeds: Sequence[int], path: Path, args
     def save(drop_redo: bool = False) -> dict:
         with locked(path):
             runs = load_previous(path, setting)
+            payload["commands"] = previous_commands(path, setting, args.command)
             if drop_redo:
                 runs = [r for r in runs if not any(str(r.get(key)) == value for key, value in redo)]
             runs = [r for r in runs if r["key"] not in mine] + list(mine.values())

@@ -185,6 +185,18 @@ def zero_capacity_note(table: dict, setting: dict) -> list[str]:
             "them).", ""]
 
 
+def recovery_lines(table: dict) -> list[str]:
+    """Each batch rule's feature recovery against TopK's with the same aux (the seeds' spread decides)."""
+    outcomes, texts, _ = versus_topk([(table, list(AUX_LABELS), next(iter(table))[2], "")], "recovery", ms)
+    if not outcomes:
+        return []
+    better = [label for label, outcome in outcomes if outcome == "higher"]
+    worse = [label for label, outcome in outcomes if outcome == "lower"]
+    return [f"Recovery against TopK with the same aux: higher for {', '.join(better) or 'none'}; lower for "
+            f"{', '.join(worse) or 'none'} ({len(outcomes) - len(better) - len(worse)} within the seeds' spread).",
+            ""]
+
+
 def peers_lines(payload: Optional[dict]) -> list[str]:
     if payload is None:
         return ["Peers' TopK / BatchTopK reference rows: not run (no `study_peers_cpu.json`)."]
@@ -421,7 +433,7 @@ def render(results: Path) -> str:
         lines += ["### Synthetic ground truth: feature recovery", "",
                   f"{describe_setting(synthetic)}. Feature recovery = mean over the true features of the best "
                   f"cosine with a decoder row (1 = every true feature found). Cost: {cost(synthetic)}.", "",
-                  *synthetic_table(cells(synthetic)), ""]
+                  *synthetic_table(cells(synthetic)), "", *recovery_lines(cells(synthetic))]
     if confirm is not None and confirm["runs"]:
         lines += ["### Check at the larger dead-feature setting (aux_k_loss)", "",
                   f"{describe_setting(confirm)}. Setting: {confirm.get('setting_source')}. Cost: {cost(confirm)}.", "",
