@@ -261,7 +261,7 @@ def open_run(run: Union[str, Path]) -> tuple[Any, Any]:
     the source is the run's activation cache when it still exists."""
     from .atomic import resolve_published
     from .checkpoint import CFG_FILE, SAE_FILE, _Reader, _sae_from
-    from .data import ArraySource, read_memmap
+    from .sources import ArraySource, read_memmap
 
     run = Path(run)
     directory = resolve_published(run / "checkpoint") or resolve_published(run)
