@@ -34,7 +34,7 @@ def _imports(path: Path, modules: frozenset = frozenset()) -> set:
 def _graph() -> dict:
     modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
     names = frozenset(modules)
-    return {name: {dep for dep in _imports(path, names) if dep in modules and dep != name} for name, path in modules.items()}
+    return {name: (_imports(path, names) & names) - {name} for name, path in modules.items()}
 
 
 def _reaches(graph: dict, start: str, goal: str) -> bool:

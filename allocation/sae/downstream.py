@@ -42,10 +42,14 @@ def sae_reconstruction(sae: Any) -> Reconstruct:
     """x (n, d) -> the SAE's eval-mode reconstruction x_hat (n, d) (thresholds: no batch mates)."""
 
     def reconstruct(x: Tensor) -> Tensor:
+        was_training = sae.training
         sae.eval()
         device = sae.W_enc.device
-        with torch.no_grad():
-            return sae(x.to(device=device, dtype=sae.W_enc.dtype)).x_hat.to(device=x.device, dtype=x.dtype)
+        try:
+            with torch.no_grad():
+                return sae(x.to(device=device, dtype=sae.W_enc.dtype)).x_hat.to(device=x.device, dtype=x.dtype)
+        finally:
+            sae.train(was_training)
 
     return reconstruct
 
