@@ -397,15 +397,18 @@ def render(results: Path) -> str:
     payloads = [p for p in (grid, sweep, synthetic, confirm) if p is not None]
     total = sum(r["seconds"] for p in payloads for r in p["runs"])
     lines += [f"The whole study: {sum(len(p['runs']) for p in payloads)} runs, {total / 60:.0f} min of training and "
-              f"evaluation on one CPU thread (torch {payloads[0]['machine']['torch'] if payloads else '?'}, a 2-core "
-              "machine shared with other jobs: see each file's load averages).", ""]
+              f"evaluation summed over the runs, each on one CPU thread (torch "
+              f"{payloads[0]['machine']['torch'] if payloads else '?'}; a 2-core machine shared with other jobs, "
+              "up to three runs at a time, so a run's seconds include waiting for a core: see the load averages "
+              "recorded with each run). `make study` runs them one after another.", ""]
     verdicts: list[str] = []
     if grid is not None and grid["runs"]:
         k = grid["setting"]["k"]
         table = cells(grid)
         lines += ["### The dead-feature setting: rules x auxiliary loss", "",
                   f"{describe_setting(grid)}. Setting: {grid.get('setting_source') or 'study.py defaults'}. "
-                  f"aux_zipf options: `{json.dumps(grid.get('aux_zipf_options') or {})}`. Cost: {cost(grid)}.", "",
+                  f"aux_zipf_loss as configured (its TrainConfig fields that differ from the original formula's): "
+                  f"`{json.dumps(grid.get('aux_zipf_config') or {})}`. Cost: {cost(grid)}.", "",
                   *grid_table(table), "", *zero_capacity_note(table, grid["setting"]),
                   f"![dead and under-used features]({rel}/{DEAD_FIGURE})", ""]
         blocks: list = [(table, grid["aux"], k, "")]
