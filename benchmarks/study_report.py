@@ -413,7 +413,7 @@ def render(results: Path) -> str:
                   f"![dead and under-used features]({rel}/{DEAD_FIGURE})", ""]
         blocks: list = [(table, grid["aux"], k, "")]
         if confirm is not None and confirm["runs"]:
-            blocks.append((cells(confirm), ("k",), confirm["setting"]["k"], " (part-1 setting)"))
+            blocks.append((cells(confirm), ("none", "k"), confirm["setting"]["k"], " (part-1 setting)"))
         verdicts += claim_dead(blocks)
         if sweep is not None and sweep["runs"]:
             sweep_table = cells(sweep)
@@ -438,7 +438,7 @@ def render(results: Path) -> str:
                   f"cosine with a decoder row (1 = every true feature found). Cost: {cost(synthetic)}.", "",
                   *synthetic_table(cells(synthetic)), "", *recovery_lines(cells(synthetic))]
     if confirm is not None and confirm["runs"]:
-        lines += ["### Check at the larger dead-feature setting (aux_k_loss)", "",
+        lines += ["### Check at the larger dead-feature setting (no aux, aux_k_loss)", "",
                   f"{describe_setting(confirm)}. Setting: {confirm.get('setting_source')}. Cost: {cost(confirm)}.", "",
                   *grid_table(cells(confirm)), ""]
     lines += ["### Peers", "", *peers_lines(peers), ""]

@@ -28,7 +28,7 @@ def quick(tmp_path_factory):
 
 def test_quick_study_writes_every_run_of_every_part_with_its_metrics(quick):
     out, _ = quick
-    for part, count in (("grid", 12), ("ksweep", 8), ("synthetic", 12), ("confirm", 4)):
+    for part, count in (("grid", 12), ("ksweep", 8), ("synthetic", 12), ("confirm", 8)):
         payload = json.loads((out / f"study_{part}_cpu.json").read_text())
         assert payload["complete"] and payload["part"] == part and len(payload["runs"]) == count
         assert len({run["key"] for run in payload["runs"]}) == count
