@@ -267,6 +267,18 @@ def versus_topk(blocks: Sequence[Block], metric: str, fmt) -> tuple[list, list, 
     return outcomes, texts, keys
 
 
+def by_rule(outcomes: list, keys: list, wanted: str = "lower") -> str:
+    """'By rule: FC 5 of 5 the claimed way, ...': the outcomes counted per batch rule."""
+    parts = []
+    for rule in BATCH_RULES:
+        mine = [o for (_, o), (_, key, _) in zip(outcomes, keys) if key[0] == rule]
+        if mine:
+            opposite = sum(o not in (wanted, "same") for o in mine)
+            parts.append(f"{RULE_LABELS[rule]} {sum(o == wanted for o in mine)} of {len(mine)} the claimed way"
+                         + (f" ({opposite} the opposite way)" if opposite else ""))
+    return "By rule: " + "; ".join(parts) + "."
+
+
 def claim_dead(blocks: Sequence[Block]) -> list[str]:
     outcomes, texts, keys = versus_topk(blocks, "dead_train", pct)
     details = []
@@ -277,15 +289,16 @@ def claim_dead(blocks: Sequence[Block]) -> list[str]:
         details.append(f"{label} vs TopK: {text} dead in training ({eval_text} on evaluation tokens at L0 = k"
                        f"{structural})")
     return [f"**Claim 1: FC and MC SAEs have fewer dead features than TopK at equal sparsity.** "
-            f"{verdict(outcomes)} (dead in training, equal training budget k per token).", "",
+            f"{verdict(outcomes)} (dead in training, equal training budget k per token). {by_rule(outcomes, keys)}",
+            "",
             *[f"- {d}" for d in details], ""]
 
 
 def claim_fvu(blocks: Sequence[Block]) -> list[str]:
-    outcomes, texts, _ = versus_topk(blocks, "fvu", lambda s: ms(s, 4))
+    outcomes, texts, keys = versus_topk(blocks, "fvu", lambda s: ms(s, 4))
     details = [f"{label}: FVU @ L0 = k {text} (TopK)" for (label, _), text in zip(outcomes, texts)]
     return [f"**Claim 2: FC and MC SAEs reconstruct better (lower FVU) than TopK at equal sparsity.** "
-            f"{verdict(outcomes)} (held-out FVU, batch rules calibrated to L0 = k).", "",
+            f"{verdict(outcomes)} (held-out FVU, batch rules calibrated to L0 = k). {by_rule(outcomes, keys)}", "",
             *[f"- {d}" for d in details], ""]
 
 
