@@ -16,10 +16,10 @@ rules with thresholds the held-out FVU calibrated to L0 = k (``calibrated``).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import statistics
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -35,8 +35,8 @@ from allocation.sae.metrics import UNDER_USED_FACTOR  # noqa: E402
 
 SETTING = {
     "rule": "topk",
-    "n_features": 8192,
-    "k": 32,
+    "n_features": 4096,
+    "k": 16,
     "tokens": 256_000,
     "batch_size": 1024,
     "lr": 2e-3,
@@ -91,10 +91,10 @@ def run_one(setting: dict, variant: str, options: dict, seed: int) -> dict:
 def aggregate(runs: list) -> list:
     """Mean and std over seeds of every metric, one row per (rule, variant), in VARIANTS order."""
     rows = []
-    keys = sorted({(r.get("rule", "topk"), r["variant"]) for r in runs},
+    keys = sorted({(r["rule"], r["variant"]) for r in runs},
                   key=lambda key: (key[0], list(VARIANTS).index(key[1]) if key[1] in VARIANTS else 99))
     for rule, variant in keys:
-        group = [r for r in runs if r.get("rule", "topk") == rule and r["variant"] == variant]
+        group = [r for r in runs if r["rule"] == rule and r["variant"] == variant]
         row = {"rule": rule, "variant": variant, "seeds": sorted(r["seed"] for r in group)}
         for metric in METRICS:
             values = [r[metric] for r in group if r.get(metric) is not None]
@@ -170,9 +170,21 @@ def render(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_payload(path: Path, payload: dict) -> None:
+def record_run(path: Path, setting: dict, run: dict, seconds: float) -> dict:
+    """Add ``run`` to the results file (under a lock: several invocations may share it) and return it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_file(path, (json.dumps(payload, indent=1) + "\n").encode())
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        payload = json.loads(path.read_text()) if path.exists() else {}
+        key = (run["rule"], run["variant"], run["seed"])
+        runs = [r for r in payload.get("runs", []) if (r["rule"], r["variant"], r["seed"]) != key] + [run]
+        rows = aggregate(runs)
+        payload = {"benchmark": "aux_zipf_loss variants", "command": " ".join(sys.argv),
+                   "machine": _common.machine(torch.device("cpu")), "setting": setting, "runs": runs,
+                   "rows": rows, "default": choose_default(rows),
+                   "train_seconds": payload.get("train_seconds", 0.0) + seconds}
+        write_file(path, (json.dumps(payload, indent=1) + "\n").encode())
+    return payload
 
 
 def main(argv=None) -> int:
@@ -200,26 +212,18 @@ def main(argv=None) -> int:
     payload = json.loads(path.read_text()) if path.exists() else {}
     if payload.get("setting", setting) != setting:
         parser.error(f"{path} holds runs of another setting; pass another --out")
-    runs = payload.get("runs", [])
-    done = {(r.get("rule", "topk"), r["variant"], r["seed"]) for r in runs}
-    todo = [(rule, variant, int(seed)) for rule in args.rules.split(",") for variant in args.variants.split(",")
-            for seed in args.seeds.split(",") if (rule, variant, int(seed)) not in done]
-    started, wall_before = time.perf_counter(), payload.get("wall_seconds", 0.0)
+    done = {(r["rule"], r["variant"], r["seed"]) for r in payload.get("runs", [])}
+    todo = [(rule, variant, int(seed)) for seed in args.seeds.split(",") for rule in args.rules.split(",")
+            for variant in args.variants.split(",") if (rule, variant, int(seed)) not in done]  # seed-major
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_one, {**setting, "rule": rule}, variant, VARIANTS[variant], seed): rule
                    for rule, variant, seed in todo}
         for future in futures:
             run = {"rule": futures[future], **future.result()}
-            runs.append(run)
+            record_run(path, setting, run, run["seconds"])
             print(f"{run['rule']:>14} {run['variant']:>24} seed {run['seed']}: dead {run['dead_fraction']:.4f} "
                   f"under-used {run['under_used_fraction']:.4f} FVU {run['eval_fvu']:.4f} "
                   f"({run['seconds']:.0f} s)", flush=True)
-            rows = aggregate(runs)
-            payload = {"benchmark": "aux_zipf_loss variants", "command": " ".join(sys.argv),
-                       "machine": _common.machine(torch.device("cpu")), "setting": setting, "runs": runs,
-                       "rows": rows, "default": choose_default(rows),
-                       "wall_seconds": wall_before + time.perf_counter() - started}
-            write_payload(path, payload)
     print(f"wrote {path}")
     return 0
 

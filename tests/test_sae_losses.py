@@ -170,9 +170,10 @@ def test_proportional_capacities_sum_exactly():
 def test_regression_capped_capacities_keep_every_aux_match():
     """The capacities used to be clamped at the column size after rounding (1, 1, 2 at total 9 and
     limit 3 gave 2, 2, 3: two of the 9 promised auxiliary matches lost); now the excess is water-filled
-    onto the uncapped features."""
-    caps = proportional_capacities(torch.tensor([1.0, 1.0, 2.0]), total=9, limit=3)
-    assert caps.tolist() == [3, 3, 3]
+    onto the uncapped features. fill=False keeps the old rule for configs saved before 0.2."""
+    weights = torch.tensor([1.0, 1.0, 2.0])
+    assert proportional_capacities(weights, total=9, limit=3).tolist() == [3, 3, 3]
+    assert proportional_capacities(weights, total=9, limit=3, fill=False).tolist() == [2, 2, 3]
 
 
 def test_aux_zipf_loss_by_hand():
@@ -338,8 +339,9 @@ def test_relative_and_log_ratio_give_dead_features_more_than_absolute(fit, probl
 def test_deficits_by_hand():
     usage = torch.tensor([0.0, 0.25, 0.5, 2.0])
     targets = torch.tensor([0.5, 0.5, 0.5, 1.0])
-    torch.testing.assert_close(deficits(usage, targets, "absolute"), torch.tensor([0.5, 0.25, 0, 0], dtype=torch.float64))
-    torch.testing.assert_close(deficits(usage, targets, "relative"), torch.tensor([1.0, 0.5, 0, 0], dtype=torch.float64))
+    as_float64 = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+    torch.testing.assert_close(deficits(usage, targets, "absolute"), as_float64([0.5, 0.25, 0, 0]))
+    torch.testing.assert_close(deficits(usage, targets, "relative"), as_float64([1.0, 0.5, 0, 0]))
     expected = torch.tensor([-math.log(1e-3), -math.log(0.5 + 1e-3), 0, 0], dtype=torch.float64)
     torch.testing.assert_close(deficits(usage, targets, "log_ratio"), expected)
     with pytest.raises(AllocationError, match="deficit must be one of"):

@@ -173,7 +173,9 @@ def fit_zipf(usage: Tensor, floor: float) -> Optional[Tuple[float, float]]:
     return s, float(math.exp(float(log_usage.mean()) + s * float(log_rank.mean())))
 
 
-def fitted_zipf_targets(usage: Tensor, budget: float, floor: float, s: float = 1.0, cap: Optional[float] = 1.0) -> Tensor:
+def fitted_zipf_targets(
+    usage: Tensor, budget: float, floor: float, s: float = 1.0, cap: Optional[float] = 1.0
+) -> Tensor:
     """Targets min(c / r_j^s, cap) from the Zipf law fitted to ``usage`` above ``floor`` (``fit_zipf``),
     tied usages sharing their ranks' mean weight; ``zipf_targets(usage, budget, s, cap)`` when no fit exists."""
     fit = fit_zipf(usage, floor)
@@ -209,12 +211,20 @@ def deficits(usage: Tensor, targets: Tensor, kind: str = "absolute") -> Tensor:
     return (-torch.log(ratio + LOG_RATIO_EPS)).clamp_min(0)
 
 
-def proportional_capacities(weights: Tensor, total: int, limit: int) -> Tensor:
+def proportional_capacities(weights: Tensor, total: int, limit: int, *, fill: bool = True) -> Tensor:
     """Integer capacities m_j = min(c w_j, limit) summing to min(total, limit #{w_j > 0}) (water-filling, then
-    largest remainders); 0 where w_j = 0."""
+    largest remainders); 0 where w_j = 0.
+
+    ``fill=False``: the rule of configs before 0.2, round(total w_j / sum w) then clamped at ``limit``
+    (what a clamp cuts off is lost rather than water-filled onto the other features).
+    """
     weights = weights.detach().to(torch.float64).clamp_min(0)
     capacities = torch.zeros(weights.numel(), dtype=torch.int64, device=weights.device)
     positive = torch.nonzero(weights > 0).flatten()
+    if not fill:
+        if total <= 0 or positive.numel() == 0:
+            return capacities
+        return largest_remainders(total * weights / weights.sum(), int(total)).clamp(max=limit)
     total = min(int(total), int(limit) * positive.numel())
     if total <= 0:
         return capacities
@@ -256,6 +266,7 @@ def aux_zipf_capacities(
     deficit: str = "absolute",
     fit: bool = False,
     exclude_saturated: bool = False,
+    fill: bool = True,
 ) -> Tuple[Tensor, int]:
     """(m, |D|): per-feature capacities m_j ~ deficit_j (water-filled under n_tokens, summing to
     min(k_aux, |D|) n_tokens) and the number |D| of features with a positive deficit."""
@@ -264,7 +275,8 @@ def aux_zipf_capacities(
     targets = aux_zipf_targets(usage, budget, s=s, cap=cap, fit=fit, exclude_saturated=exclude_saturated)
     weight = deficits(usage, targets, deficit)
     n_candidates = int((weight > 0).sum())
-    return proportional_capacities(weight, min(k_aux, n_candidates) * n_tokens, n_tokens), n_candidates
+    total = min(k_aux, n_candidates) * n_tokens
+    return proportional_capacities(weight, total, n_tokens, fill=fill), n_candidates
 
 
 def aux_zipf_selection(
@@ -277,7 +289,7 @@ def aux_zipf_selection(
 ) -> Tuple[Tensor, float]:
     """The auxiliary Feature Choice mask of aux_zipf_loss and its scale min(|D| / k_aux, 1).
 
-    ``variant``: the keyword options of ``aux_zipf_capacities`` (s, cap, deficit, fit, exclude_saturated).
+    ``variant``: the keyword options of ``aux_zipf_capacities`` (s, cap, deficit, fit, exclude_saturated, fill).
     """
     n_tokens, n_features = pre.shape
     if usage.shape != (n_features,):
@@ -306,6 +318,7 @@ def aux_zipf_loss(
     deficit: str = "absolute",
     fit: bool = False,
     exclude_saturated: bool = False,
+    fill: bool = True,
 ) -> Tensor:
     """Auxiliary loss towards Zipf-shaped feature usage (dead AND under-used features).
 
@@ -323,7 +336,8 @@ def aux_zipf_loss(
     """
     k_aux = _check_k_aux(k_aux, residual.shape[-1])
     mask, scale = aux_zipf_selection(
-        pre, active, usage, budget, k_aux, s=s, cap=cap, deficit=deficit, fit=fit, exclude_saturated=exclude_saturated
+        pre, active, usage, budget, k_aux, s=s, cap=cap, deficit=deficit, fit=fit, exclude_saturated=exclude_saturated,
+        fill=fill,
     )
     if scale == 0.0:
         return pre.new_zeros(())  # no graph: a zero gradient would make the encoder backward dense

@@ -63,6 +63,7 @@ FIELDS_BEFORE_0_2 = {
     "zipf_deficit": "absolute",
     "zipf_fit": False,
     "zipf_exclude_saturated": False,
+    "zipf_fill": False,
 }
 """What a config saved before these fields existed trained with (resume continues it unchanged)."""
 
@@ -140,6 +141,8 @@ class TrainConfig:
                             "log-usage vs log-rank) to the features that are not under-used, instead of --zipf-s")
     zipf_exclude_saturated: bool = option(False, "aux_zipf_loss: no deficit for the ranks whose target sits at "
                                           "the frequency cap 1")
+    zipf_fill: bool = option(True, "aux_zipf_loss: capacities over the batch size are water-filled onto the other "
+                             "features (no-: clamped, those matches lost, as configs before 0.2 trained)")
     threshold_decay: float = option(0.99, "decay of the moving average of the batch dual prices (eval thresholds)")
     threshold_correction: float = option(
         0.05, "dual-subgradient step of the eval thresholds' count-matching correction (0: plain average)")
@@ -210,7 +213,7 @@ class TrainConfig:
 
         if self.zipf_deficit not in DEFICITS:
             raise AllocationError(f"zipf_deficit must be one of {', '.join(DEFICITS)}, got {self.zipf_deficit!r}")
-        for name in ("zipf_fit", "zipf_exclude_saturated"):
+        for name in ("zipf_fit", "zipf_exclude_saturated", "zipf_fill"):
             if not isinstance(getattr(self, name), bool):
                 raise AllocationError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
@@ -407,6 +410,7 @@ class Trainer:
             deficit=cfg.zipf_deficit,
             fit=cfg.zipf_fit,
             exclude_saturated=cfg.zipf_exclude_saturated,
+            fill=cfg.zipf_fill,
             k_aux=cfg.k_aux,
             coefficient=cfg.aux_coefficient,
             reduction=cfg.reduction,
