@@ -17,7 +17,7 @@ among dead features; scale = min(n_dead / k_aux, 1), k_aux = d_in // 2 by defaul
 
 aux_zipf_loss (this package): the extra activations are a Feature Choice allocation over the
 pre-activations not already active, with capacities proportional to each feature's deficit against
-a Zipf usage target (see ``zipf_targets`` and ``aux_zipf_loss``).
+a Zipf usage target (see ``zipf_targets``, ``deficits`` and ``aux_zipf_loss``).
 """
 
 from __future__ import annotations
@@ -322,17 +322,20 @@ def aux_zipf_loss(
 ) -> Tensor:
     """Auxiliary loss towards Zipf-shaped feature usage (dead AND under-used features).
 
-        t = zipf_targets(usage, budget, s)      t_j = c / r_j^s, sum_j t_j = budget
-        deficit_j = max(0, t_j - usage_j),      D = {j : deficit_j > 0}
-        m_j = round(min(k_aux, |D|) n deficit_j / sum deficit)   (largest remainders, <= n)
-        M_aux = FeatureChoice(m) on pre restricted to entries not already ``active`` and j in D
+        t = zipf_targets(usage, budget, s)      t_j = c / r_j^s, sum_j t_j = budget (fit: c, s fitted)
+        d_j = deficit(u_j, t_j)                 absolute (t - u)+ | relative (1 - u/t)+ | log_ratio (-log(u/t + eps))+
+        D = {j : d_j > 0},  m_j = min(c' d_j, n) summing to min(k_aux, |D|) n   (water-filled, integers)
+        M_aux = FeatureChoice(m) on pre restricted to entries not already ``active``
         loss = alpha min(|D| / k_aux, 1) R(||e_hat - e||^2) / R(||e - mean e||^2)
 
     with e = residual (detached), e_hat = (pre * M_aux) @ W_dec (no b_dec), R the main loss's
     reduction. pre: (n, F); active: (n, F) bool, the main allocation; usage: (F,) recent firing
     frequency (activations per token); budget: activations per token (k for TopK(k)); k_aux
-    defaults to d // 2. With usage 0 except some saturated features and |D| <= k_aux this is exactly
-    ``aux_k_loss`` on the dead ones.
+    defaults to d // 2. ``deficit`` (see ``deficits``), ``fit`` (targets from the law fitted to the
+    usage above UNDER_USED_FACTOR budget / F, ``fitted_zipf_targets``), ``exclude_saturated`` (no
+    deficit where the target sits at ``cap``) and ``fill`` (False: the clamped capacities of configs
+    before 0.2) choose the variant; benchmarks/aux_variants.py measures them. With usage 0 except
+    some saturated features and |D| <= k_aux every variant is exactly ``aux_k_loss`` on the dead ones.
     """
     k_aux = _check_k_aux(k_aux, residual.shape[-1])
     mask, scale = aux_zipf_selection(
