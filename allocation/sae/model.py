@@ -274,8 +274,13 @@ class SparseAutoencoder(nn.Module):
         ``code``, ``prices``: as in ``batch_threshold``.
         """
         price = self.batch_threshold(pre, mask, code, prices)
-        if price is not None:
-            self.thresholds.update(pre, price, self.constraints(pre.shape[0]), self.pricing)
+        if price is None:
+            return
+        kept = None
+        if self.pricing == "auction":
+            kept = (torch.bincount(code.feature_index, minlength=self.n_features) if code is not None
+                    else mask.sum(dim=0))
+        self.thresholds.update(pre, price, self.constraints(pre.shape[0]), self.pricing, kept)
 
 
     # ---- forward

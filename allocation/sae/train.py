@@ -424,6 +424,7 @@ class Trainer:
     def train_step(self, batch: Tensor) -> StepResult:
         """One optimisation step on ``batch`` (n, d_in); raises TrainingDivergedError on NaN/inf."""
         cfg, sae = self.config, self.sae
+        sae.train()  # the batch rule, whatever mode an evaluation in between left the SAE in
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
