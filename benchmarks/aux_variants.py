@@ -148,19 +148,21 @@ def render(payload: dict) -> str:
         "held out), "
         f"{setting['rule']} k = {setting['k']}, F = {setting['n_features']}, {setting['tokens']} training tokens, "
         f"batch {setting['batch_size']}, lr {setting['lr']:g}, dead after {setting['dead_tokens']} tokens without "
-        f"an activation; mean ± std over seeds {', '.join(str(s) for s in rows[0]['seeds'])} "
-        f"(1 thread per run). Dead and under-used (firing below {UNDER_USED_FACTOR:g} x k / F over the last "
+        f"an activation; mean ± std over the seeds listed (1 thread per run, on a 2-core machine shared with other "
+        f"jobs: seconds vary with its load). Dead and under-used (firing below {UNDER_USED_FACTOR:g} x k / F over "
+        "the last "
         f"{setting['metrics_every'] * setting['batch_size']} training tokens) in % of F at the end of training; "
         "held-out FVU in eval mode at L0 = k (TopK: exactly k per token).",
         "",
-        "| rule | auxiliary loss | dead % | under-used % | held-out FVU | held-out L0 | seconds per run |",
-        "|---|---|---|---|---|---|---|",
+        "| rule | auxiliary loss | seeds | dead % | under-used % | held-out FVU | held-out L0 | seconds per run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         fvu = _fmt(row, "eval_fvu", digits=4)
         if "calibrated_fvu" in row:
             fvu += f" (calibrated to L0 = k: {_fmt(row, 'calibrated_fvu', digits=4)})"
-        lines.append(f"| {row['rule']} | {row['variant']} | {_fmt(row, 'dead_fraction', 100)} "
+        seeds = ", ".join(str(seed) for seed in row["seeds"])
+        lines.append(f"| {row['rule']} | {row['variant']} | {seeds} | {_fmt(row, 'dead_fraction', 100)} "
                      f"| {_fmt(row, 'under_used_fraction', 100)} | {fvu} | {_fmt(row, 'eval_l0', digits=1)} "
                      f"| {_fmt(row, 'seconds', digits=0)} |")
     if choice is not None:
