@@ -59,8 +59,11 @@ VARIANTS = {
     "zipf_log_ratio": {"aux": "zipf", "zipf_deficit": "log_ratio"},
     "zipf_exclude_saturated": {"aux": "zipf", "zipf_deficit": "absolute", "zipf_exclude_saturated": True},
     "zipf_fitted": {"aux": "zipf", "zipf_deficit": "absolute", "zipf_fit": True},
+    "zipf_under_used": {"aux": "zipf", "zipf_deficit": "relative", "zipf_under_used_only": True},
 }
-"""Each changes only the auxiliary loss of SETTING (aux_zipf variants: one option from the absolute deficit)."""
+"""Each changes only the auxiliary loss of SETTING (aux_zipf variants: one option from the absolute deficit;
+zipf_under_used, added after the first five all ended with more dead features than no auxiliary loss: the
+relative deficit on the under-used features only)."""
 
 METRICS = ("dead_fraction", "under_used_fraction", "eval_fvu", "eval_l0", "calibrated_fvu", "train_fvu", "seconds")
 
@@ -167,9 +170,23 @@ def render(payload: dict) -> str:
                      f"| {_fmt(row, 'seconds', digits=0)} |")
     if choice is not None:
         verdict = "beats aux_k_loss" if choice["beats_aux_k"] else "does not beat aux_k_loss"
-        lines += ["", f"Fewest dead + under-used among the aux_zipf variants with held-out FVU within noise of "
-                      f"aux_k: **{choice['variant']}** ({verdict} on dead + under-used at no FVU cost)."]
+        lines += ["", f"Fewest dead + under-used (the under-used include the dead) among the aux_zipf variants "
+                      f"with held-out FVU within noise of aux_k: **{choice['variant']}** ({verdict} on dead + "
+                      f"under-used at no FVU cost)." + _comparison(rows)]
     return "\n".join(lines) + "\n"
+
+
+def _comparison(rows: list) -> str:
+    """A sentence counting the aux_zipf variants that end with more dead features than aux_k / no aux loss."""
+    by_name = {row["variant"]: row for row in rows if row["rule"] == "topk"}
+    zipf = [row for name, row in by_name.items() if name.startswith("zipf_")]
+    parts = []
+    for name in ("aux_k", "none"):
+        if name in by_name:
+            dead = by_name[name]["dead_fraction"]["mean"]
+            worse = sum(row["dead_fraction"]["mean"] > dead for row in zipf)
+            parts.append(f"{worse} of {len(zipf)} end with more dead features than {name} ({100 * dead:.2f}%)")
+    return f" Of the aux_zipf variants, {' and '.join(parts)}." if parts else ""
 
 
 def record_run(path: Path, setting: dict, run: dict, seconds: float) -> dict:

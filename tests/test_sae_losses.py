@@ -21,6 +21,7 @@ from allocation.sae.losses import (
     proportional_capacities,
     reduce_squared_error,
 )
+from allocation.sae.metrics import UNDER_USED_FACTOR
 
 # A hand-sized problem: 2 tokens, d = 2, F = 4; features 2 and 3 are dead.
 W_DEC = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, -0.6]])
@@ -248,6 +249,7 @@ VARIANTS = [
     {"deficit": "absolute", "fit": True},
     {"deficit": "relative", "fit": True},
     {"deficit": "log_ratio", "fit": True},
+    {"deficit": "relative", "under_used_only": True},
 ]
 
 
@@ -284,7 +286,7 @@ def test_variant_capacities_sum_to_the_aux_k_budget_and_fit_the_columns(variant,
 @given(problem=usage_problems())
 def test_variant_puts_no_capacity_on_features_at_or_over_target(variant, problem):
     usage, budget, n_tokens, k_aux = problem
-    options = {k: v for k, v in variant.items() if k != "deficit"}
+    options = {k: v for k, v in variant.items() if k in ("fit", "exclude_saturated")}
     targets = aux_zipf_targets(usage, budget, **options)
     capacities, _ = aux_zipf_capacities(usage, budget, n_tokens, k_aux, **variant)
     assert not bool(capacities[usage >= targets].any())
@@ -292,6 +294,8 @@ def test_variant_puts_no_capacity_on_features_at_or_over_target(variant, problem
     if variant.get("exclude_saturated"):
         saturated_ranks = zipf_targets(usage, budget) >= 1.0
         assert not bool(capacities[saturated_ranks].any())
+    if variant.get("under_used_only"):
+        assert not bool(capacities[usage >= UNDER_USED_FACTOR * budget / usage.numel()].any())
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_name)

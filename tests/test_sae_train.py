@@ -333,8 +333,8 @@ def test_aux_zipf_options_reach_the_loss():
 def test_configs_saved_before_0_2_keep_the_aux_zipf_loss_they_trained_with():
     saved = {k: v for k, v in TrainConfig(aux="zipf").to_dict().items() if not k.startswith("zipf_")}
     old = TrainConfig.from_dict({**saved, "zipf_s": 1.0})
-    assert (old.zipf_deficit, old.zipf_fit, old.zipf_exclude_saturated, old.zipf_fill) == ("absolute", False, False,
-                                                                                          False)
+    assert (old.zipf_deficit, old.zipf_fit, old.zipf_exclude_saturated, old.zipf_fill, old.zipf_under_used_only) == (
+        "absolute", False, False, False, False)
     assert TrainConfig.from_dict(TrainConfig(aux="zipf").to_dict()) == TrainConfig(aux="zipf")
 
 

@@ -265,13 +265,20 @@ def aux_zipf_capacities(
     fit: bool = False,
     exclude_saturated: bool = False,
     fill: bool = True,
+    under_used_only: bool = False,
 ) -> Tuple[Tensor, int]:
     """(m, |D|): per-feature capacities m_j ~ deficit_j (water-filled under n_tokens, summing to
-    min(k_aux, |D|) n_tokens) and the number |D| of features with a positive deficit."""
+    min(k_aux, |D|) n_tokens) and the number |D| of features with a positive deficit.
+
+    ``under_used_only``: no deficit for features used at least UNDER_USED_FACTOR budget / F (the
+    metrics' under-used threshold), so only the under-used (the dead included) get auxiliary matches.
+    """
     if budget < 0:
         raise AllocationError(f"budget must be >= 0, got {budget}")
     targets = aux_zipf_targets(usage, budget, s=s, cap=cap, fit=fit, exclude_saturated=exclude_saturated)
     weight = deficits(usage, targets, deficit)
+    if under_used_only:
+        weight = torch.where(usage.to(weight) < UNDER_USED_FACTOR * budget / usage.numel(), weight, 0.0)
     n_candidates = int((weight > 0).sum())
     total = min(k_aux, n_candidates) * n_tokens
     return proportional_capacities(weight, total, n_tokens, fill=fill), n_candidates
@@ -287,7 +294,8 @@ def aux_zipf_selection(
 ) -> Tuple[Tensor, float]:
     """The auxiliary Feature Choice mask of aux_zipf_loss and its scale min(|D| / k_aux, 1).
 
-    ``variant``: the keyword options of ``aux_zipf_capacities`` (s, cap, deficit, fit, exclude_saturated, fill).
+    ``variant``: the keyword options of ``aux_zipf_capacities`` (s, cap, deficit, fit, exclude_saturated, fill,
+    under_used_only).
     """
     n_tokens, n_features = pre.shape
     if usage.shape != (n_features,):
@@ -317,6 +325,7 @@ def aux_zipf_loss(
     fit: bool = False,
     exclude_saturated: bool = False,
     fill: bool = True,
+    under_used_only: bool = False,
 ) -> Tensor:
     """Auxiliary loss towards Zipf-shaped feature usage (dead AND under-used features).
 
@@ -331,14 +340,15 @@ def aux_zipf_loss(
     frequency (activations per token); budget: activations per token (k for TopK(k)); k_aux
     defaults to d // 2. ``deficit`` (see ``deficits``), ``fit`` (targets from the law fitted to the
     usage above UNDER_USED_FACTOR budget / F, ``fitted_zipf_targets``), ``exclude_saturated`` (no
-    deficit where the target sits at ``cap``) and ``fill`` (False: the clamped capacities of configs
-    before 0.2) choose the variant; benchmarks/aux_variants.py measures them. With usage 0 except
-    some saturated features and |D| <= k_aux every variant is exactly ``aux_k_loss`` on the dead ones.
+    deficit where the target sits at ``cap``), ``under_used_only`` (no deficit at or above the
+    under-used threshold) and ``fill`` (False: the clamped capacities of configs before 0.2) choose
+    the variant; benchmarks/aux_variants.py measures them. With usage 0 except some saturated
+    features and |D| <= k_aux every variant is exactly ``aux_k_loss`` on the dead ones.
     """
     k_aux = _check_k_aux(k_aux, residual.shape[-1])
     mask, scale = aux_zipf_selection(
         pre, active, usage, budget, k_aux, s=s, cap=cap, deficit=deficit, fit=fit, exclude_saturated=exclude_saturated,
-        fill=fill,
+        fill=fill, under_used_only=under_used_only,
     )
     if scale == 0.0:
         return pre.new_zeros(())  # no graph: a zero gradient would make the encoder backward dense

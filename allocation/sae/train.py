@@ -64,6 +64,7 @@ FIELDS_BEFORE_0_2 = {
     "zipf_fit": False,
     "zipf_exclude_saturated": False,
     "zipf_fill": False,
+    "zipf_under_used_only": False,
 }
 """What a config saved before these fields existed trained with (resume continues it unchanged)."""
 
@@ -141,6 +142,8 @@ class TrainConfig:
                             "log-usage vs log-rank) to the features that are not under-used, instead of --zipf-s")
     zipf_exclude_saturated: bool = option(False, "aux_zipf_loss: no deficit for the ranks whose target sits at "
                                           "the frequency cap 1")
+    zipf_under_used_only: bool = option(False, "aux_zipf_loss: deficits only for the under-used features (firing "
+                                        "below 0.1 x budget / F), the dead included")
     zipf_fill: bool = option(True, "aux_zipf_loss: capacities over the batch size are water-filled onto the other "
                              "features (no-: clamped, those matches lost, as configs before 0.2 trained)")
     threshold_decay: float = option(0.99, "decay of the moving average of the batch dual prices (eval thresholds)")
@@ -213,7 +216,7 @@ class TrainConfig:
 
         if self.zipf_deficit not in DEFICITS:
             raise AllocationError(f"zipf_deficit must be one of {', '.join(DEFICITS)}, got {self.zipf_deficit!r}")
-        for name in ("zipf_fit", "zipf_exclude_saturated", "zipf_fill"):
+        for name in ("zipf_fit", "zipf_exclude_saturated", "zipf_fill", "zipf_under_used_only"):
             if not isinstance(getattr(self, name), bool):
                 raise AllocationError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
@@ -411,6 +414,7 @@ class Trainer:
             fit=cfg.zipf_fit,
             exclude_saturated=cfg.zipf_exclude_saturated,
             fill=cfg.zipf_fill,
+            under_used_only=cfg.zipf_under_used_only,
             k_aux=cfg.k_aux,
             coefficient=cfg.aux_coefficient,
             reduction=cfg.reduction,
