@@ -93,13 +93,17 @@ def l0_summary(counts: Tensor) -> Dict[str, float]:
     }
 
 
-def under_used_fraction(frequency: Tensor, budget_per_token: float, factor: float = 0.1) -> float:
-    """Fraction of features firing on fewer than ``factor`` x the uniform share of tokens: f_j < factor L0 / F.
+def under_used(frequency: Tensor, budget_per_token: float, factor: float = UNDER_USED_FACTOR) -> Tensor:
+    """(F,) bool: feature j fires on fewer than ``factor`` x the uniform share of tokens, f_j < factor L0 / F.
 
     ``frequency`` (F,): activations per token of each feature; ``budget_per_token``: the L0 shared out.
     """
-    uniform_share = budget_per_token / frequency.numel()
-    return float((frequency.to(torch.float64) < factor * uniform_share).double().mean())
+    return frequency.to(torch.float64) < factor * budget_per_token / frequency.numel()
+
+
+def under_used_fraction(frequency: Tensor, budget_per_token: float, factor: float = UNDER_USED_FACTOR) -> float:
+    """Fraction of the features that are ``under_used``."""
+    return float(under_used(frequency, budget_per_token, factor).double().mean())
 
 
 def density_histogram(frequency: Tensor, edges=DENSITY_BINS) -> Dict[str, List]:
@@ -155,12 +159,11 @@ class MetricsWindow:
         steps = max(int(self.steps), 1)
         tokens = max(int(self.tokens), 1)
         frequency = self.fired.to(torch.float64) / tokens
-        uniform_share = budget_per_token / self.n_features
         return {
             "fvu": float(self.squared_error / self.variance.clamp_min(1e-30)),
             "l0": l0_summary(self.l0_counts),
             "dead_fraction": float(usage.dead.to(torch.float64).mean()),
-            "under_used_fraction": float((frequency < under_used_factor * uniform_share).double().mean()),
+            "under_used_fraction": under_used_fraction(frequency, budget_per_token, under_used_factor),
             "density": density_histogram(frequency),
             "main_loss": float(self.loss_sums[0] / steps),
             "aux_loss": float(self.loss_sums[1] / steps),
