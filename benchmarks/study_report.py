@@ -472,19 +472,36 @@ def render(results: Path) -> str:
     lines += ["### Peers", "", *peers_lines(peers), ""]
     if verdicts:
         lines += ["### Verdicts", "", *verdicts]
-    lines += ["### What this study could not settle", "", *not_settled(grid), ""]
+    lines += ["### What this study could not settle", "",
+               *not_settled(grid, confirm, [p for p in (grid, sweep, confirm) if p is not None and p["runs"]], peers),
+               ""]
     return "\n".join(lines)
 
 
-def not_settled(grid: Optional[dict]) -> list[str]:
-    tokens = grid["setting"]["steps"] * grid["setting"]["batch_size"] if grid else 0
-    return [f"- **Scale.** Every run here is CPU-sized ({tokens:,} training tokens at the dead-feature setting, "
-            "2 shared cores, no GPU in this session); the paper trains on far more tokens and wider dictionaries. "
-            "Dead features that appear only late in long runs, or vanish with more data, are outside what was "
-            "measured.",
-            "- **One model, one layer.** MiniLM-L6 layer 3 only; other models and layers may differ.",
-            "- **Three seeds.** Differences smaller than the seeds' spread are reported as such, not as effects.",
-            "- **Downstream quality** (loss recovered, interpretability) is not measured by this study."]
+def not_settled(grid: Optional[dict], confirm: Optional[dict], payloads: Sequence[dict],
+                peers: Optional[dict]) -> list[str]:
+    def tokens(payload: Optional[dict]) -> int:
+        return payload["setting"]["steps"] * payload["setting"]["batch_size"] if payload else 0
+
+    ratios = [c["l0"]["mean"] / key[2] for payload in payloads for key, c in cells(payload).items()
+              if key[0] in BATCH_RULES]
+    lines = [f"- **Scale.** Every run here is CPU-sized ({tokens(grid):,} training tokens at the dead-feature "
+             f"setting, {tokens(confirm):,} at the larger check, 2 shared cores, no GPU lent to this session); the "
+             "paper trains on far more tokens and wider dictionaries. Dead features that appear only late in long "
+             "runs, or vanish with more data, are outside what was measured.",
+             "- **One model, one layer.** MiniLM-L6 layer 3 (the standard library's docstrings) only.",
+             "- **Three seeds.** Differences smaller than the seeds' spread are reported as such, not as effects."]
+    if ratios:
+        lines.append(f"- **Equal L0 is approximate.** Calibrated on the calibration half, the batch rules keep "
+                     f"{min(ratios):.3f} to {max(ratios):.3f} x k features per evaluation token (TopK: exactly k); "
+                     "a batch rule above k is favoured in FVU by that much extra L0.")
+    lines.append("- **aux_zipf at the larger setting**: the check there has no aux_zipf cells; issue 13 part 1's "
+                 "`benchmarks/aux_variants.py` compares the aux_zipf variants there.")
+    if peers is None or peers.get("skipped"):
+        lines.append("- **Peers**: sparsify / SAELens were not installed here (no `.venv-peers`), so their TopK / "
+                     "BatchTopK reference rows are missing.")
+    lines.append("- **Downstream quality** (loss recovered, interpretability) is not measured by this study.")
+    return lines
 
 
 def _relative(results: Path) -> str:
