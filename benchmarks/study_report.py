@@ -325,6 +325,13 @@ def claim_aux(table: dict, rules: Sequence[str], k: int) -> list[str]:
         if found is not None:
             outcomes.append((RULE_LABELS[rule], found[0]))
             details.append(f"{RULE_LABELS[rule]}: aux_zipf vs aux_k: {found[1]}")
+    versus_none = {rule: _pair(table, (rule, "zipf", k, ""), (rule, "none", k, ""), "dead_train", pct)
+                   for rule in rules if (rule, "zipf", k, "") in table and (rule, "none", k, "") in table}
+    more = [f"{RULE_LABELS[rule]} ({text})" for rule, (outcome, text) in versus_none.items() if outcome == "higher"]
+    fewer = [f"{RULE_LABELS[rule]} ({text})" for rule, (outcome, text) in versus_none.items() if outcome == "lower"]
+    if versus_none:
+        details.append(f"against no auxiliary loss, aux_zipf leaves more dead features in training for "
+                       f"{', '.join(more) or 'no rule'}, fewer for {', '.join(fewer) or 'no rule'}")
     earlier = sorted({tag for _, aux, _, tag in table if aux == "zipf" and tag})
     for tag in earlier:  # an earlier aux_zipf formula kept in the results: shown, not counted
         for rule in rules:
