@@ -112,3 +112,9 @@ def test_under_used_means_below_a_tenth_of_the_uniform_share():
     # F = 4 features sharing L0 = 0.04 per token: uniform share 0.01, under-used below 0.001
     frequency = torch.tensor([0.0, 0.0009, 0.002, 0.5])
     assert under_used_fraction(frequency, 0.04) == 0.5
+
+
+def test_topk_fvu_is_read_off_its_curve_linearly_in_log_l0():
+    table = {("topk", "k", 8, ""): {"fvu": {"mean": 0.4}}, ("topk", "k", 32, ""): {"fvu": {"mean": 0.2}}}
+    assert study_report.topk_fvu_at(table, (8, 32), 16.0) == pytest.approx(0.3)  # halfway in log2: 3 of 3..5
+    assert study_report.topk_fvu_at(table, (8, 32), 64.0) is None  # outside the sweep: no extrapolation
