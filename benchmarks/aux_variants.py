@@ -98,7 +98,8 @@ def aggregate(runs: list) -> list:
                   key=lambda key: (key[0], list(VARIANTS).index(key[1]) if key[1] in VARIANTS else 99))
     for rule, variant in keys:
         group = [r for r in runs if r["rule"] == rule and r["variant"] == variant]
-        row = {"rule": rule, "variant": variant, "seeds": sorted(r["seed"] for r in group)}
+        row = {"rule": rule, "variant": variant, "options": group[0]["options"],
+               "seeds": sorted(r["seed"] for r in group)}
         for metric in METRICS:
             values = [r[metric] for r in group if r.get(metric) is not None]
             if values:
@@ -126,7 +127,7 @@ def choose_default(rows: list) -> Optional[dict]:
 
     eligible = [row for row in candidates if fvu_ok(row)] or candidates
     best = min(eligible, key=badness)
-    return {"variant": best["variant"], "options": VARIANTS[best["variant"]], "fvu_within_aux_k_noise": fvu_ok(best),
+    return {"variant": best["variant"], "options": best.get("options"), "fvu_within_aux_k_noise": fvu_ok(best),
             "beats_aux_k": badness(best) < badness(reference) and fvu_ok(best)}
 
 

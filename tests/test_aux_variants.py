@@ -29,7 +29,8 @@ def test_quick_grid_writes_runs_rows_and_a_default(tmp_path, capsys):
 
 def test_choose_default_prefers_fewer_dead_and_under_used_at_no_fvu_cost():
     def row(variant, dead, under, fvu, fvu_std=0.001):
-        return {"rule": "topk", "variant": variant, "dead_fraction": {"mean": dead, "std": 0},
+        return {"rule": "topk", "variant": variant, "options": aux_variants.VARIANTS[variant],
+                "dead_fraction": {"mean": dead, "std": 0},
                 "under_used_fraction": {"mean": under, "std": 0}, "eval_fvu": {"mean": fvu, "std": fvu_std}}
 
     rows = [row("aux_k", 0.03, 0.15, 0.170), row("zipf_absolute", 0.03, 0.14, 0.170),

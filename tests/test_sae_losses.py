@@ -185,10 +185,27 @@ def test_aux_zipf_loss_by_hand():
     # squared errors: 5 and 0.36 + 5.29 = 5.65, mean 5.325; scale min(3/1, 1) = 1
     active = PRE > 1.9
     usage = torch.tensor([0.5, 0.0, 0.2, 0.0])
-    mask, scale = aux_zipf_selection(PRE, active, usage, 1.0, 1)
+    absolute = {"deficit": "absolute", "under_used_only": False}  # the formula before 0.2
+    mask, scale = aux_zipf_selection(PRE, active, usage, 1.0, 1, **absolute)
     assert scale == 1.0 and mask.nonzero().tolist() == [[1, 3]]
     expected = (5.325 / RESIDUAL_VARIANCE) / 32
-    assert float(aux_zipf_loss(PRE, active, RESIDUAL, W_DEC, usage, 1.0, k_aux=1)) == pytest.approx(expected)
+    assert float(aux_zipf_loss(PRE, active, RESIDUAL, W_DEC, usage, 1.0, k_aux=1, **absolute)) == pytest.approx(
+        expected)
+
+
+def test_aux_zipf_default_by_hand():
+    """The default (relative deficit, under-used only): usage (0.5, 0, 0.2, 0), budget 1, F = 4, so the
+    under-used threshold is 0.1 / 4 = 0.025: only the unused features 1 and 3 qualify, with relative
+    deficits 1 and 1; k_aux = 1 splits 2 matches 1, 1 (as before). Feature 1 has no free positive token,
+    feature 3 takes token 1: the same mask and loss as the absolute deficit on this example."""
+    active = PRE > 1.9
+    usage = torch.tensor([0.5, 0.0, 0.2, 0.0])
+    capacities, n_candidates = aux_zipf_capacities(usage, 1.0, 2, 1)
+    assert capacities.tolist() == [0, 1, 0, 1] and n_candidates == 2
+    mask, scale = aux_zipf_selection(PRE, active, usage, 1.0, 1)
+    assert scale == 1.0 and mask.nonzero().tolist() == [[1, 3]]
+    assert float(aux_zipf_loss(PRE, active, RESIDUAL, W_DEC, usage, 1.0, k_aux=1)) == pytest.approx(
+        (5.325 / RESIDUAL_VARIANCE) / 32)
 
 
 def _saturated_case(d_in):

@@ -316,7 +316,8 @@ def test_regression_train_step_uses_the_batch_rule_after_an_evaluation_left_the_
 def test_aux_zipf_options_reach_the_loss():
     from allocation.sae.losses import aux_zipf_loss
 
-    options = {"zipf_deficit": "log_ratio", "zipf_fit": True, "zipf_exclude_saturated": True, "zipf_fill": True}
+    options = {"zipf_deficit": "log_ratio", "zipf_fit": True, "zipf_exclude_saturated": True, "zipf_fill": True,
+               "zipf_under_used_only": False}
     trainer = Trainer(tiny_config(rule="topk", **options), "synthetic")
     trainer.usage.update(torch.rand(64, 48) < torch.linspace(0.0, 0.5, 48))  # graded usage: many deficits
     batch = trainer.source.batch(64, seed=0, batch_index=0)
@@ -324,10 +325,11 @@ def test_aux_zipf_options_reach_the_loss():
         out = trainer.sae(batch)
         got = trainer.aux_loss(batch, out)
         want = aux_zipf_loss(out.pre, out.mask, batch - out.x_hat, trainer.sae.W_dec, trainer.usage.frequency,
-                             3.0, deficit="log_ratio", fit=True, exclude_saturated=True, fill=True)
-        absolute = aux_zipf_loss(out.pre, out.mask, batch - out.x_hat, trainer.sae.W_dec, trainer.usage.frequency,
-                                 3.0)
-    assert float(got) == pytest.approx(float(want)) and float(got) != pytest.approx(float(absolute))
+                             3.0, deficit="log_ratio", fit=True, exclude_saturated=True, fill=True,
+                             under_used_only=False)
+        default = aux_zipf_loss(out.pre, out.mask, batch - out.x_hat, trainer.sae.W_dec, trainer.usage.frequency,
+                                3.0)
+    assert float(got) == pytest.approx(float(want)) and float(got) != pytest.approx(float(default))
 
 
 def test_configs_saved_before_0_2_keep_the_aux_zipf_loss_they_trained_with():

@@ -186,6 +186,9 @@ def fitted_zipf_targets(
 
 
 DEFICITS = ("absolute", "relative", "log_ratio")
+DEFAULT_DEFICIT, DEFAULT_UNDER_USED_ONLY = "relative", True
+"""aux_zipf_loss's default variant: the relative deficit of the under-used features, the variant of
+benchmarks/aux_variants.py with the fewest dead + under-used features (none beat aux_k_loss there)."""
 LOG_RATIO_EPS = 1e-3
 """log_ratio's eps: an unused feature's deficit is log(1 / eps) = log(1000), the largest any feature gets."""
 
@@ -261,11 +264,11 @@ def aux_zipf_capacities(
     *,
     s: float = 1.0,
     cap: Optional[float] = 1.0,
-    deficit: str = "absolute",
+    deficit: str = DEFAULT_DEFICIT,
     fit: bool = False,
     exclude_saturated: bool = False,
     fill: bool = True,
-    under_used_only: bool = False,
+    under_used_only: bool = DEFAULT_UNDER_USED_ONLY,
 ) -> Tuple[Tensor, int]:
     """(m, |D|): per-feature capacities m_j ~ deficit_j (water-filled under n_tokens, summing to
     min(k_aux, |D|) n_tokens) and the number |D| of features with a positive deficit.
@@ -321,20 +324,22 @@ def aux_zipf_loss(
     reduction: str = "mean",
     cap: Optional[float] = 1.0,
     sparse: bool = True,
-    deficit: str = "absolute",
+    deficit: str = DEFAULT_DEFICIT,
     fit: bool = False,
     exclude_saturated: bool = False,
     fill: bool = True,
-    under_used_only: bool = False,
+    under_used_only: bool = DEFAULT_UNDER_USED_ONLY,
 ) -> Tensor:
     """Auxiliary loss towards Zipf-shaped feature usage (dead AND under-used features).
 
         t = zipf_targets(usage, budget, s)      t_j = c / r_j^s, sum_j t_j = budget (fit: c, s fitted)
-        d_j = deficit(u_j, t_j)                 absolute (t - u)+ | relative (1 - u/t)+ | log_ratio (-log(u/t + eps))+
+        d_j = (1 - u_j / t_j)+ if u_j < 0.1 budget / F else 0     (default: relative, under_used_only)
         D = {j : d_j > 0},  m_j = min(c' d_j, n) summing to min(k_aux, |D|) n   (water-filled, integers)
         M_aux = FeatureChoice(m) on pre restricted to entries not already ``active``
         loss = alpha min(|D| / k_aux, 1) R(||e_hat - e||^2) / R(||e - mean e||^2)
 
+    Other deficits: absolute (t - u)+ (the default before 0.2, with under_used_only=False) and
+    log_ratio (-log(u/t + eps))+.
     with e = residual (detached), e_hat = (pre * M_aux) @ W_dec (no b_dec), R the main loss's
     reduction. pre: (n, F); active: (n, F) bool, the main allocation; usage: (F,) recent firing
     frequency (activations per token); budget: activations per token (k for TopK(k)); k_aux

@@ -33,7 +33,15 @@ from .calibration import calibrated_copy, training_l0
 from .checkpoint import STATE_JSON, json_bytes, load_checkpoint, prefixed, save_checkpoint, with_prefix
 from .data import ActivationSource, load_activations
 from .downstream import check_downstream, trainer_downstream
-from .losses import DEFICITS, REDUCTIONS, aux_k_loss, aux_zipf_loss, normalized_mse
+from .losses import (
+    DEFAULT_DEFICIT,
+    DEFAULT_UNDER_USED_ONLY,
+    DEFICITS,
+    REDUCTIONS,
+    aux_k_loss,
+    aux_zipf_loss,
+    normalized_mse,
+)
 from .metrics import FeatureUsage, MetricsWindow, evaluate
 from .model import (
     ENCODER_INIT_SCALE,
@@ -135,15 +143,16 @@ class TrainConfig:
     k_aux: Optional[int] = option(None, "auxiliary activations per token (default d_in // 2)")
     aux_coefficient: float = option(1.0 / 32.0, "weight of the auxiliary loss")
     zipf_s: float = option(1.0, "Zipf exponent s >= 0 of aux_zipf_loss's usage targets")
-    zipf_deficit: str = option("absolute", "aux_zipf_loss's deficit of feature j below its target t_j: absolute "
-                               "(t_j - u_j), relative (1 - u_j / t_j) or log_ratio (log t_j / u_j, floored)",
-                               choices=DEFICITS)
+    zipf_deficit: str = option(
+        DEFAULT_DEFICIT, "aux_zipf_loss's deficit of feature j below its target t_j: absolute (t_j - u_j), "
+        "relative (1 - u_j / t_j) or log_ratio (log t_j / u_j, floored)", choices=DEFICITS)
     zipf_fit: bool = option(False, "aux_zipf_loss: targets from the Zipf law fitted (s and c, least squares on "
                             "log-usage vs log-rank) to the features that are not under-used, instead of --zipf-s")
     zipf_exclude_saturated: bool = option(False, "aux_zipf_loss: no deficit for the ranks whose target sits at "
                                           "the frequency cap 1")
-    zipf_under_used_only: bool = option(False, "aux_zipf_loss: deficits only for the under-used features (firing "
-                                        "below 0.1 x budget / F), the dead included")
+    zipf_under_used_only: bool = option(
+        DEFAULT_UNDER_USED_ONLY, "aux_zipf_loss: deficits only for the under-used features (firing below "
+        "0.1 x budget / F), the dead included")
     zipf_fill: bool = option(True, "aux_zipf_loss: capacities over the batch size are water-filled onto the other "
                              "features (no-: clamped, those matches lost, as configs before 0.2 trained)")
     threshold_decay: float = option(0.99, "decay of the moving average of the batch dual prices (eval thresholds)")
