@@ -70,10 +70,6 @@ RULES = {  # label -> TrainConfig fields of the rule
 AUX = ("none", "k", "zipf")
 PARTS = ("grid", "ksweep", "synthetic", "confirm", "peers")
 PEER_SYSTEMS = ("sparsify-topk", "saelens-topk", "saelens-batchtopk", "allocation-topk", "allocation-mc")
-AUX_ZIPF_OPTIONS = {"zipf_deficit": "relative", "zipf_under_used_only": True, "zipf_fill": True, "zipf_fit": False,
-                    "zipf_exclude_saturated": False, "zipf_s": 1.0}
-"""aux_zipf_loss as chosen by issue 13 part 1 (benchmarks/aux_variants.py): relative deficits 1 - u_j / t_j on the
-under-used features only, capacities water-filled; the study runs its aux_zipf cells with it."""
 CONFIRM_AUX = ("k", "none")  # the confirm part: no aux_zipf (issue 13 part 1 compares its variants there)
 TRAIN_WINDOW = 0.25  # training under-used fraction: over the last 25% of the steps
 
@@ -475,9 +471,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ksweep-setting", help="the same for the k-sweep")
     parser.add_argument("--synthetic-setting", help="the same for the synthetic part")
     parser.add_argument("--confirm-setting", help="the same for the confirm part")
-    parser.add_argument("--aux-zipf-options", default=json.dumps(AUX_ZIPF_OPTIONS),
-                        help="TrainConfig fields for the aux=zipf runs (JSON; default: issue 13 part 1's choice, "
-                        "%(default)s); part of their key, so new options rerun only those runs")
+    parser.add_argument("--aux-zipf-options", default="{}",
+                        help="TrainConfig fields for the aux=zipf runs (JSON; default: none, i.e. TrainConfig's "
+                        "aux_zipf_loss, chosen by issue 13 part 1); the aux_zipf fields in effect are part of the "
+                        "runs' key, so other options (or another TrainConfig default) rerun only those runs")
     parser.add_argument("--redo", action="append", default=[], help="KEY=VALUE: rerun the runs whose field KEY is "
                         "VALUE (e.g. aux=zipf), repeatable")
     parser.add_argument("--peer-systems", default=",".join(PEER_SYSTEMS), help="peers part: bench_peers systems")
