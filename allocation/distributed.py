@@ -65,11 +65,16 @@ class Communicator:
         try:
             operation()
         except (RuntimeError, dist.DistError) as error:  # DistBackendError, timeouts, a peer's closed socket
-            wait = f" within {self.timeout}" if self.timeout is not None else ""
-            raise RankFailedError(
-                f"rank {self.rank}/{self.world_size}: the {what} with the other ranks failed{wait} "
-                f"(a rank died or stalled; look at its log): {str(error).splitlines()[0] if str(error) else error!r}"
-            ) from None
+            raise self.failure(what, error) from None
+
+    def failure(self, what: str, error: BaseException) -> RankFailedError:
+        """The error to raise when a collective (``what``) failed with ``error``."""
+        wait = f" (timeout {self.timeout.total_seconds():g} s)" if self.timeout is not None else ""
+        first = str(error).splitlines()[0] if str(error) else repr(error)
+        return RankFailedError(
+            f"rank {self.rank} of {self.world_size}: the {what} with the other ranks failed{wait}; a rank died "
+            f"or stalled (see its log). {first}"
+        )
 
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
         """``tensor`` reduced over the ranks in place ('sum', 'min' or 'max'); returns it."""
