@@ -77,3 +77,140 @@ def test_global_mutual_and_feature_choice_equal_single_process_on_the_concatenat
     out = tmp_path / "checked.pt"
     assert run_local_ranks(check_global_equals_single, WORLD, str(out)) == [0, 0]
     assert torch.load(out) == ["mutual-choice", "feature-choice", "feature-choice + budget", "topk + budget"]
+
+
+# ------------------------------------------------------------------------------------ training
+
+RULES = {  # rule options, aux loss: every batch rule's global path, both aux losses' scopes
+    "topk": dict(rule="topk", aux="k"),
+    "feature-choice": dict(rule="feature-choice", aux="k"),
+    "feature-choice-zipf": dict(rule="feature-choice", zipf_capacities=1.0, aux="zipf"),
+    "mutual-choice": dict(rule="mutual-choice", aux="zipf"),
+}
+
+
+def _config(name: str, **changes):
+    from allocation.sae import TrainConfig
+
+    options = dict(k=4, n_features=48, batch_size=32, tokens=32 * 6, dead_tokens=32, metrics_every=1,
+                   b_dec_sample=64, data_options={"d_in": 16, "n_true_features": 64}, warmup_steps=0)
+    return TrainConfig(**{**options, **RULES[name], **changes})
+
+
+def _state(trainer) -> dict:
+    sae = trainer.sae
+    return {"weights": {k: v.detach().clone() for k, v in sae.state_dict().items()},
+            "usage": {k: v.clone() for k, v in trainer.usage.state_dict().items()}}
+
+
+def _steps(trainer, steps: int) -> None:
+    cfg = trainer.config
+    batches = trainer.source.batches(cfg.batch_size, seed=cfg.seed, start_batch=trainer.step)
+    for _ in range(steps):
+        batch = next(batches)
+        trainer.train_step(trainer.sae.scope.rows(batch) if trainer.comm is not None else batch)
+
+
+def train_on_ranks(rank, world_size, folder):
+    from pathlib import Path
+
+    from allocation.sae import Trainer
+
+    folder = Path(folder)
+    results = {}
+    for name in RULES:  # two steps of every rule on this rank's half of each batch
+        trainer = Trainer(_config(name))
+        _steps(trainer, 2)
+        results[name] = _state(trainer)
+    trainer = Trainer(_config("mutual-choice", allocation_scope="local"))
+    _steps(trainer, 2)
+    results["mutual-choice-local"] = _state(trainer)
+    # resume: 4 steps straight, against 2 steps, a checkpoint, and Trainer.resume for 2 more
+    straight = Trainer(_config("mutual-choice", checkpoint_every=2), out=folder / "straight")
+    straight.run(stop_at_step=4)
+    broken = Trainer(_config("mutual-choice", checkpoint_every=2), out=folder / "broken")
+    broken.run(stop_at_step=2)
+    resumed = Trainer.resume(folder / "broken")
+    resumed.run(stop_at_step=4)
+    results["resume"] = (_state(straight), _state(resumed), straight.history, resumed.history)
+    if rank == 0:
+        torch.save(results, folder / "ranks.pt")
+
+
+def _assert_close(ranks: dict, single: dict, what: str) -> None:
+    for key, value in single["weights"].items():
+        torch.testing.assert_close(ranks["weights"][key], value, rtol=1e-4, atol=1e-5, msg=f"{what}: {key}")
+    for key, value in single["usage"].items():
+        assert torch.equal(ranks["usage"][key], value), (what, key)
+
+
+@pytest.fixture(scope="module")
+def two_rank_training(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ranks")
+    assert run_local_ranks(train_on_ranks, WORLD, str(folder)) == [0, 0]
+    return torch.load(folder / "ranks.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_two_steps_on_two_ranks_equal_one_process_on_the_full_batch(two_rank_training, name):
+    from allocation.sae import Trainer
+
+    torch.set_num_threads(1)
+    single = Trainer(_config(name))
+    _steps(single, 2)
+    _assert_close(two_rank_training[name], _state(single), name)
+
+
+def test_local_scope_allocates_each_ranks_rows_so_it_differs_from_one_process(two_rank_training):
+    from allocation.sae import Trainer
+
+    torch.set_num_threads(1)
+    single = Trainer(_config("mutual-choice"))
+    _steps(single, 2)
+    local = two_rank_training["mutual-choice-local"]
+    assert not torch.allclose(local["weights"]["W_enc"], single.sae.W_enc.detach(), rtol=1e-4, atol=1e-5)
+    assert local["weights"]["thresholds.weight"] == single.sae.thresholds.weight  # same number of updates
+
+
+def test_resume_on_two_ranks_continues_identically(two_rank_training):
+    straight, resumed, straight_history, resumed_history = two_rank_training["resume"]
+    for key, value in straight["weights"].items():
+        assert torch.equal(resumed["weights"][key], value), key
+    for key, value in straight["usage"].items():
+        assert torch.equal(resumed["usage"][key], value), key
+    assert resumed_history == straight_history
+    assert [record["step"] for record in straight_history] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------ a rank that dies
+
+TIMEOUT_S = 20.0
+
+
+def kill_rank_one(rank, world_size, folder):
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from allocation.distributed import RankFailedError
+    from allocation.sae import Trainer
+
+    trainer = Trainer(_config("mutual-choice"))
+    _steps(trainer, 1)
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    started = time.monotonic()
+    try:
+        _steps(trainer, 1)
+    except RankFailedError as error:
+        (Path(folder) / "rank0.txt").write_text(f"{time.monotonic() - started}\n{error}")
+        raise SystemExit(3) from None
+
+
+def test_a_killed_rank_makes_the_others_exit_non_zero_within_the_timeout(tmp_path):
+    codes = run_local_ranks(kill_rank_one, WORLD, str(tmp_path), timeout_s=TIMEOUT_S, join_s=TIMEOUT_S + 60)
+    assert codes[0] == 3 and codes[1] != 0 and codes[1] is not None
+    seconds, message = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    assert float(seconds) < TIMEOUT_S
+    assert "rank 0 of 2" in message and "a rank died or stalled" in message

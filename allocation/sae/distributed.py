@@ -142,7 +142,7 @@ def data_parallel(sae: torch.nn.Module, comm: Communicator, gradient_bytes: list
 
     device_ids = [sae.W_enc.device.index] if sae.W_enc.device.type == "cuda" else None
     try:
-        model = DistributedDataParallel(sae, device_ids=device_ids, broadcast_buffers=False,
+        model = DistributedDataParallel(sae, device_ids=device_ids, forward_sync_buffers=False,
                                         process_group=comm.group)
     except (RuntimeError, dist.DistError) as error:
         raise comm.failure("parameter broadcast", error) from None

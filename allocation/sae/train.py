@@ -432,8 +432,19 @@ class Trainer:
     def train_step(self, batch: Tensor) -> StepResult:
         """One optimisation step on ``batch`` (n, d_in); raises TrainingDivergedError on NaN/inf.
 
-        With several processes ``batch`` is this rank's rows of the global batch (``RankScope.rows``).
+        With several processes ``batch`` is this rank's rows of the global batch (``RankScope.rows``),
+        and a collective that fails (a rank died or timed out) raises RankFailedError.
         """
+        if self.comm is None:
+            return self._train_step(batch)
+        try:
+            return self._train_step(batch)
+        except AllocationError:
+            raise
+        except (RuntimeError, torch.distributed.DistError) as error:  # DDP's own collectives
+            raise self.comm.failure(f"training step {self.step + 1}", error) from None
+
+    def _train_step(self, batch: Tensor) -> StepResult:
         cfg, sae = self.config, self.sae
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -459,13 +470,8 @@ class Trainer:
         if not math.isfinite(loss_value):
             raise TrainingDivergedError(self._diverged_message("the loss", loss_value))
         self.optimizer.zero_grad(set_to_none=True)
-        if self.comm is None:
-            loss.backward()
-        else:  # DDP averages the ranks' gradients: each rank's share times the ranks sums them
-            try:
-                (loss * self.comm.world_size).backward()
-            except (RuntimeError, torch.distributed.DistError) as error:
-                raise self.comm.failure("gradient all-reduce", error) from None
+        # DDP averages the ranks' gradients: each rank's share times the number of ranks sums them
+        (loss if self.comm is None else loss * self.comm.world_size).backward()
         sae.remove_parallel_gradient()
         grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         if not bool(torch.isfinite(grad_norm)):
@@ -594,6 +600,8 @@ class Trainer:
                     merge_window(self.window, self.sae.scope, held_by_rank0=True)  # the checkpoint: every rank's rows
                     if self.out is not None:
                         self.save()
+                    if self.comm is not None:  # every rank may read the checkpoint once this returns
+                        self.comm.barrier()
         finally:
             self.elapsed += time.perf_counter() - started
 
