@@ -199,7 +199,7 @@ def global_mutual_choice(scores: Tensor, total: int, comm: Communicator, shard: 
     needed, above, key = total, 0, 0
     for shift in range(8 * scores.element_size() - RADIX_BITS, -1, -RADIX_BITS):
         digits = (inside >> shift) & (bins - 1)
-        histogram = comm.all_reduce(torch.bincount(digits, minlength=bins).to(torch.int64))
+        histogram = comm.all_reduce(torch.bincount(digits, minlength=bins).to(torch.int32))  # counts < 2^31
         from_top = histogram.flip(0).cumsum(0)  # candidates whose digit is >= bins - 1 - i
         index = int((from_top < needed).sum())  # the first i with from_top[i] >= needed
         above_here = int(from_top[index - 1]) if index > 0 else 0

@@ -1,0 +1,131 @@
+"""Data-parallel training on 1 vs 2 CPU processes (gloo): tokens/s and communication bytes per step.
+
+    .venv/bin/python benchmarks/bench_distributed.py            # d_in 128, F 4096, k 32, batch 1024
+    .venv/bin/python benchmarks/bench_distributed.py --quick    # tiny sizes, a few steps (tested)
+
+For each rule, ``Trainer.train_step`` under ``allocation_scope='global'`` on 2 ranks (each its half of
+every global batch, one thread each) and in one process on the whole batch (one thread), no
+auxiliary loss. Per step, measured on rank 0: the bytes it sent in the allocation's, the prices'
+and the losses' collectives (``Communicator.bytes_sent``), of them the bytes of ``global_allocate``
+alone, and the gradient bytes DDP all-reduced; against the n_local x F scores an all-gather of the
+batch's affinities would send. Step times: median over the timed steps after warm-up; tokens/s =
+global batch / that median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+from allocation.distributed import global_allocate, run_local_ranks  # noqa: E402
+
+RULES = {
+    "topk": {"rule": "topk"},
+    "feature-choice": {"rule": "feature-choice"},
+    "feature-choice-zipf": {"rule": "feature-choice", "zipf_capacities": 1.0},
+    "mutual-choice": {"rule": "mutual-choice"},
+}
+
+
+def _trainer(options: dict, args):
+    from allocation.sae import TrainConfig, Trainer
+
+    config = TrainConfig(**options, k=args.k, n_features=args.n_features, batch_size=args.batch_size,
+                         tokens=args.batch_size * (args.steps + args.warmup), aux="none", seed=0,
+                         b_dec_sample=args.batch_size, data_options={"d_in": args.d_in})
+    return Trainer(config, "synthetic")
+
+
+def _timed_steps(trainer, args) -> dict:
+    """Warm-up, then the timed steps: median seconds and per-step bytes (rank 0's view)."""
+    cfg = trainer.config
+    batches = trainer.source.batches(cfg.batch_size, seed=cfg.seed)
+    rows = trainer.sae.scope.rows if trainer.comm is not None else (lambda batch: batch)
+    for _ in range(args.warmup):
+        trainer.train_step(rows(next(batches)))
+    sent, gradients = (trainer.comm.bytes_sent if trainer.comm else 0), trainer.gradient_bytes[0]
+    seconds = []
+    for _ in range(args.steps):
+        batch = rows(next(batches))
+        start = time.perf_counter()
+        trainer.train_step(batch)
+        seconds.append(time.perf_counter() - start)
+    result = {"step_seconds_median": statistics.median(seconds),
+              "tokens_per_second": cfg.batch_size / statistics.median(seconds)}
+    if trainer.comm is not None:
+        comm = trainer.comm
+        result["bytes_per_step"] = (comm.bytes_sent - sent) / args.steps
+        result["gradient_bytes_per_step"] = (trainer.gradient_bytes[0] - gradients) / args.steps
+        with torch.no_grad():  # the allocation alone, on this rank's affinities of the next batch
+            pre = trainer.sae.pre_activations(rows(next(batches)))
+            before = comm.bytes_sent
+            global_allocate(pre, trainer.sae.constraints(cfg.batch_size), comm, trainer.sae.scope.shard)
+            result["allocation_bytes_per_step"] = comm.bytes_sent - before
+        result["all_gather_bytes_avoided"] = pre.shape[0] * pre.shape[1] * pre.element_size()
+    return result
+
+
+def on_ranks(rank: int, world_size: int, args, out: str) -> None:
+    results = {name: _timed_steps(_trainer(options, args), args) for name, options in RULES.items()}
+    if rank == 0:
+        torch.save(results, out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-in", type=int, default=128)
+    parser.add_argument("--n-features", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 steps (for the tests)")
+    parser.add_argument("--name", default="distributed")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.d_in, args.n_features, args.k, args.batch_size, args.steps, args.warmup = 16, 64, 4, 64, 2, 1
+        args.name = args.name if args.name != "distributed" else "distributed_quick"
+    torch.set_num_threads(1)
+    single = {name: _timed_steps(_trainer(options, args), args) for name, options in RULES.items()}
+    with tempfile.TemporaryDirectory() as folder:
+        out = str(Path(folder) / "ranks.pt")
+        codes = run_local_ranks(on_ranks, 2, args, out)
+        if codes != [0, 0]:
+            print(f"the 2-rank run failed: exit codes {codes}", file=sys.stderr)
+            return 1
+        ranks = torch.load(out, weights_only=False)
+    rows = {}
+    for name in RULES:
+        two = ranks[name]
+        rows[name] = {
+            "one_process": single[name],
+            "two_processes": two,
+            "speedup": two["tokens_per_second"] / single[name]["tokens_per_second"],
+            "allocation_bytes_vs_all_gather": two["allocation_bytes_per_step"] / two["all_gather_bytes_avoided"],
+        }
+    payload = {"benchmark": "distributed", "machine": _common.machine(torch.device("cpu")),
+               "settings": {k: getattr(args, k) for k in ("d_in", "n_features", "k", "batch_size", "steps",
+                                                          "warmup")},
+               "backend": "gloo", "threads_per_process": 1, "allocation_scope": "global", "rules": rows}
+    path = _common.write_result(args.name, torch.device("cpu"), payload)
+    for name, row in rows.items():
+        two = row["two_processes"]
+        print(f"{name:20s} 1 proc {row['one_process']['tokens_per_second']:8.0f} tok/s | 2 procs "
+              f"{two['tokens_per_second']:8.0f} tok/s | allocation {two['allocation_bytes_per_step']:9.0f} B/step "
+              f"vs all-gather {two['all_gather_bytes_avoided']:9.0f} B | all collectives {two['bytes_per_step']:9.0f} B "
+              f"| gradients {two['gradient_bytes_per_step']:9.0f} B")
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
