@@ -29,7 +29,6 @@ from torch import Tensor
 
 from .constraints import Constraints
 from .errors import AllocationError
-from ._masks import count_selected
 from .rules import _as_count, allocate_unchecked, select_top
 
 GATHER_MAX_ENTRIES = 1 << 22
@@ -185,43 +184,55 @@ def global_mutual_choice(scores: Tensor, total: int, comm: Communicator, shard: 
 
     The total-th largest positive score t is in the union of the ranks' local top-total candidates;
     its key (the score's bits, ordered as the positive floats) is found RADIX_BITS at a time from
-    all-reduced histograms of the candidates' keys. Entries > t are kept; the rest of the budget goes
-    to the entries == t in global (token, feature) order.
+    all-reduced histograms of the candidates' keys. Candidates > t are kept; the rest of the budget
+    goes to the entries == t in global (token, feature) order.
     """
-    device = scores.device
     if total <= 0:
-        return torch.zeros(scores.shape, dtype=torch.bool, device=device)
-    positive = comm.all_reduce(count_selected(scores > 0).reshape(1))
-    if int(positive) <= total:  # every positive score of the batch fits: keep them all
-        return scores > 0
-    inside = _positive_keys(scores[select_top(scores, total, dim=None)])  # this rank's share of the top
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    local = select_top(scores, total, dim=None)  # this rank's top-min(total, #positive): holds its share
+    index = local.reshape(-1).nonzero().squeeze(1)  # ascending flat index: (token, feature) order
+    values = scores.reshape(-1)[index]
+    full = index.numel() >= total  # this rank may hold more positives than it kept
+    sizes = comm.all_reduce(torch.tensor([index.numel(), int(full)], dtype=torch.int64, device=scores.device))
+    if int(sizes[1]) == 0 and int(sizes[0]) <= total:  # every positive score of the batch fits: keep them
+        return local
+    keys = _positive_keys(values)
     bins = 1 << RADIX_BITS
-    needed, above, key = total, 0, 0
+    needed, above, key, inside = total, 0, 0, keys
     for shift in range(8 * scores.element_size() - RADIX_BITS, -1, -RADIX_BITS):
         digits = (inside >> shift) & (bins - 1)
         histogram = comm.all_reduce(torch.bincount(digits, minlength=bins).to(torch.int32))  # counts < 2^31
         from_top = histogram.flip(0).cumsum(0)  # candidates whose digit is >= bins - 1 - i
-        index = int((from_top < needed).sum())  # the first i with from_top[i] >= needed
-        above_here = int(from_top[index - 1]) if index > 0 else 0
+        index_of = int((from_top < needed).sum())  # the first i with from_top[i] >= needed
+        above_here = int(from_top[index_of - 1]) if index_of > 0 else 0
         above, needed = above + above_here, needed - above_here
-        digit = bins - 1 - index
+        digit = bins - 1 - index_of
         key = (key << RADIX_BITS) | digit
         inside = inside[digits == digit]
     threshold = _key_value(key, scores.dtype)
-    return _with_ties(scores > threshold, scores == threshold, total - above, comm)
+    kept = index[values > threshold]
+    if full and bool((values == threshold).any()):  # ties at our cut may lie outside our candidates
+        tied = (scores.reshape(-1) == threshold).nonzero().squeeze(1)
+    else:
+        tied = index[values == threshold]
+    return _mask_from(scores, torch.cat([kept, _first_ties(tied, total - above, comm)]))
 
 
-def _with_ties(kept: Tensor, tied: Tensor, wanted: int, comm: Communicator) -> Tensor:
-    """``kept`` plus the first ``wanted`` tied entries of the batch in (rank, row, column) order."""
-    counts = comm.all_gather(count_selected(tied).reshape(1)).reshape(-1).tolist()
-    before = sum(counts[: comm.rank])
-    mine = min(max(wanted - before, 0), counts[comm.rank])
-    if mine == counts[comm.rank]:
-        return kept | tied
-    if mine == 0:
-        return kept
-    flat = tied.reshape(-1)
-    return kept | (flat & (flat.cumsum(0) <= mine)).view_as(tied)
+def _first_ties(tied: Tensor, wanted: int, comm: Communicator) -> Tensor:
+    """This rank's part of the first ``wanted`` tied entries of the batch in (rank, row, column) order.
+
+    ``tied``: this rank's tied entries (indices), in its (row, column) order.
+    """
+    counts = comm.all_gather(torch.tensor([tied.numel()], dtype=torch.int64, device=tied.device)).reshape(-1)
+    counts = counts.tolist()
+    mine = min(max(wanted - sum(counts[: comm.rank]), 0), counts[comm.rank])
+    return tied[:mine]
+
+
+def _mask_from(scores: Tensor, flat_index: Tensor) -> Tensor:
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    mask.view(-1)[flat_index] = True
+    return mask
 
 
 def _int_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -280,17 +291,31 @@ def global_feature_choice(scores: Tensor, capacity: np.ndarray, comm: Communicat
     zero = torch.zeros((), dtype=scores.dtype, device=device)
     threshold = torch.where(enough, grouped[at] if grouped.numel() else zero, zero)  # 0: every positive
     threshold = torch.where(capacity == 0, torch.full_like(threshold, float("inf")), threshold)
-    kept = scores > threshold
     wanted = torch.where(enough, capacity - per_rank_count(gathered > threshold[column_of]).sum(0), 0)
     tied_sent = per_rank_count(gathered == threshold[column_of]) * enough
-    # a rank that sent m_j values, the last at t_j, may hold more ties than it sent: count them all then
-    cut = bool(((sent == capacity) & (tied_sent > 0)).any())
-    tied = (scores == threshold) & enough if cut else None
-    counts = comm.all_gather(count_selected(tied, dim=0)) if cut else tied_sent
+    # every entry > t_j is among this rank's candidates; so are its ties, unless it sent m_j values and
+    # the last was t_j (it may hold more): then every rank counts its ties in full
+    smallest_sent = torch.full((comm.world_size, n_features), float("inf"), dtype=scores.dtype, device=device)
+    smallest_sent.scatter_reduce_(1, column_of.expand(comm.world_size, -1), gathered, "amin")
+    cut = bool(((sent == capacity) & (smallest_sent == threshold) & enough).any())
+    value = scores.detach()[rows, columns]
+    over = value > threshold[columns]
+    kept_rows, kept_columns = rows[over], columns[over]
+    if cut:
+        tied_rows, tied_columns = (((scores == threshold) & enough).nonzero().unbind(1))
+        order = torch.argsort(tied_columns, stable=True)
+        tied_rows, tied_columns = tied_rows[order], tied_columns[order]
+        counts = comm.all_gather(torch.bincount(tied_columns, minlength=n_features))
+    else:
+        at = (value == threshold[columns]) & enough[columns]
+        tied_rows, tied_columns, counts = rows[at], columns[at], tied_sent
     mine = (wanted - counts[: comm.rank].sum(0)).clamp(min=0).minimum(counts[comm.rank])
-    if bool((mine > 0).any()):
-        tied = (scores == threshold) & enough if tied is None else tied
-        kept |= tied & (tied.cumsum(0) <= mine)
+    # the first mine_j ties of column j, by row (the tied entries are grouped by column, rows ascending)
+    per_column = torch.bincount(tied_columns, minlength=n_features)
+    rank_in_column = torch.arange(tied_columns.numel(), device=device) - (per_column.cumsum(0) - per_column)[tied_columns]
+    take = rank_in_column < mine[tied_columns]
+    kept = torch.zeros(scores.shape, dtype=torch.bool, device=device)
+    kept[torch.cat([kept_rows, tied_rows[take]]), torch.cat([kept_columns, tied_columns[take]])] = True
     return kept
 
 

@@ -80,6 +80,31 @@ def on_ranks(rank: int, world_size: int, args, out: str) -> None:
         torch.save(results, out)
 
 
+START, END = "<!-- distributed:start -->", "<!-- distributed:end -->"
+
+
+def section(payload: dict) -> str:
+    """The README's measured table, from a result file."""
+    settings, load = payload["settings"], payload["machine"].get("load_average")
+    lines = [
+        f"Measured by `benchmarks/bench_distributed.py` (gloo, {payload['threads_per_process']} thread per process, "
+        f"d_in {settings['d_in']}, F {settings['n_features']}, k {settings['k']}, global batch "
+        f"{settings['batch_size']}, median of {settings['steps']} steps, load average {load}; "
+        "`benchmarks/results/distributed_cpu.json`). Bytes are what rank 0 sends per step.",
+        "",
+        "| rule | 1 process tokens/s | 2 processes tokens/s | global allocation B/step | n_local x F all-gather B "
+        "| all our collectives B/step | DDP gradients B/step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in payload["rules"].items():
+        two = row["two_processes"]
+        lines.append(
+            f"| {name} | {row['one_process']['tokens_per_second']:.0f} | {two['tokens_per_second']:.0f} | "
+            f"{two['allocation_bytes_per_step']:.0f} | {two['all_gather_bytes_avoided']:.0f} | "
+            f"{two['bytes_per_step']:.0f} | {two['gradient_bytes_per_step']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-in", type=int, default=128)
@@ -90,7 +115,14 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 steps (for the tests)")
     parser.add_argument("--name", default="distributed")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the README table from results/")
+    parser.add_argument("--output", type=Path, help="result file (default benchmarks/results/<name>_cpu.json)")
     args = parser.parse_args(argv)
+    if args.report_only:
+        import json
+
+        payload = json.loads((_common.RESULTS / f"{args.name}_cpu.json").read_text())
+        return 0 if _common.write_marked_section(section(payload), START, END) else 1
     if args.quick:
         args.d_in, args.n_features, args.k, args.batch_size, args.steps, args.warmup = 16, 64, 4, 64, 2, 1
         args.name = args.name if args.name != "distributed" else "distributed_quick"
@@ -116,7 +148,13 @@ def main(argv=None) -> int:
                "settings": {k: getattr(args, k) for k in ("d_in", "n_features", "k", "batch_size", "steps",
                                                           "warmup")},
                "backend": "gloo", "threads_per_process": 1, "allocation_scope": "global", "rules": rows}
-    path = _common.write_result(args.name, torch.device("cpu"), payload)
+    if args.output is not None:
+        import json
+
+        args.output.write_text(json.dumps(payload, indent=2) + "\n")
+        path = args.output
+    else:
+        path = _common.write_result(args.name, torch.device("cpu"), payload)
     for name, row in rows.items():
         two = row["two_processes"]
         print(f"{name:20s} 1 proc {row['one_process']['tokens_per_second']:8.0f} tok/s | 2 procs "
@@ -124,6 +162,8 @@ def main(argv=None) -> int:
               f"vs all-gather {two['all_gather_bytes_avoided']:9.0f} B | all collectives {two['bytes_per_step']:9.0f} B "
               f"| gradients {two['gradient_bytes_per_step']:9.0f} B")
     print(f"written to {path}")
+    if not args.quick and args.output is None and _common.write_marked_section(section(payload), START, END):
+        print("README.md: the distributed table is updated")
     return 0
 
 

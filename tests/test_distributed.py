@@ -263,3 +263,50 @@ def test_a_killed_rank_makes_the_others_exit_non_zero_within_the_timeout(tmp_pat
     seconds, message = (tmp_path / "rank0.txt").read_text().split("\n", 1)
     assert float(seconds) < TIMEOUT_S
     assert "rank 0 of 2" in message and "a rank died or stalled" in message
+
+
+# ------------------------------------------------------------------------------------ the command line
+
+
+def test_allocation_train_under_torchrun_trains_what_one_process_trains(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from allocation.sae import Trainer
+    from allocation.sae.checkpoint import load_checkpoint
+
+    flags = ["--rule", "feature-choice", "--k", "4", "--n-features", "48", "--batch-size", "32", "--tokens", "96",
+             "--data-option", "d_in=16", "--eval-batches", "1", "--calibrate-l0", "0", "--threads", "1",
+             "--no-progress", "--out", str(tmp_path / "ranks")]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "allocation", "train", *flags]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=170,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("| feature-choice") == 1  # rank 0 alone prints the summary
+    assert (tmp_path / "ranks" / "summary.json").exists()
+    torch.set_num_threads(1)
+    single = Trainer(_config("feature-choice", tokens=96, eval_batches=1, calibrate_l0=0, data_options={"d_in": 16},
+                             metrics_every=100, dead_tokens=10_000_000, warmup_steps=None, b_dec_sample=4096))
+    _steps(single, 3)
+    sae, _, _, _ = load_checkpoint(tmp_path / "ranks" / "checkpoint")
+    for key, value in single.sae.state_dict().items():
+        torch.testing.assert_close(sae.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_the_benchmark_quick_run_writes_its_result_and_table(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_distributed
+
+    assert bench_distributed.main(["--quick", "--output", str(tmp_path / "quick.json")]) == 0
+    payload = json.loads((tmp_path / "quick.json").read_text())
+    mc = payload["rules"]["mutual-choice"]["two_processes"]
+    assert payload["rules"]["topk"]["two_processes"]["allocation_bytes_per_step"] == 0  # per token: no traffic
+    assert 0 < mc["allocation_bytes_per_step"] and mc["all_gather_bytes_avoided"] == 32 * 64 * 4
+    assert "| mutual-choice |" in bench_distributed.section(payload)
