@@ -111,8 +111,8 @@ class Shard:
     def equal(cls, n_global: int, rank: int, world_size: int) -> "Shard":
         """Equal contiguous shards of n_global rows (n_global divisible by world_size)."""
         if n_global % world_size:
-            raise AllocationError(f"a batch of {n_global} tokens does not split evenly over {world_size} ranks; "
-                                  f"choose a batch size divisible by {world_size}")
+            raise AllocationError(f"a global batch of {n_global} tokens does not split evenly over {world_size} "
+                                  f"ranks; choose a --batch-size divisible by {world_size}")
         size = n_global // world_size
         return cls(rank * size, size, n_global, (size,) * world_size)
 
@@ -160,9 +160,9 @@ def gathered_allocate(scores: Tensor, constraints: Constraints, comm: Communicat
     entries = shard.n_global * scores.shape[1]
     if entries > gather_max_entries:
         raise AllocationError(
-            f"{constraints} caps tokens AND features: no per-rank split of the feature caps is exact, so "
-            f"global allocation gathers the whole batch, {shard.n_global} x {scores.shape[1]} = {entries} scores, "
-            f"above gather_max_entries={gather_max_entries}. Use --allocation-scope local (each rank solves its "
+            f"{constraints} caps tokens together with features or a budget (solved by the auction): no "
+            f"per-rank split of these caps is exact, so global allocation gathers the whole batch, "
+            f"{shard.n_global} x {scores.shape[1]} = {entries} scores, above gather_max_entries={gather_max_entries}. Use --allocation-scope local (each rank solves its "
             "own tokens), a smaller batch, or a rule with one family of caps (topk, feature-choice, mutual-choice)"
         )
     padded = scores.new_full((shard.n_max, scores.shape[1]), float("-inf"))
@@ -293,27 +293,28 @@ def global_feature_choice(scores: Tensor, capacity: np.ndarray, comm: Communicat
     threshold = torch.where(capacity == 0, torch.full_like(threshold, float("inf")), threshold)
     wanted = torch.where(enough, capacity - per_rank_count(gathered > threshold[column_of]).sum(0), 0)
     tied_sent = per_rank_count(gathered == threshold[column_of]) * enough
-    # every entry > t_j is among this rank's candidates; so are its ties, unless it sent m_j values and
-    # the last was t_j (it may hold more): then every rank counts its ties in full
+    # every entry > t_j is among this rank's candidates; so are its ties, unless some rank sent m_j values
+    # with t_j the smallest (it may hold more): in those columns every rank counts its ties in full
     smallest_sent = torch.full((comm.world_size, n_features), float("inf"), dtype=scores.dtype, device=device)
     smallest_sent.scatter_reduce_(1, column_of.expand(comm.world_size, -1), gathered, "amin")
-    cut = bool(((sent == capacity) & (smallest_sent == threshold) & enough).any())
+    cut = ((sent == capacity) & (smallest_sent == threshold) & enough).any(0)  # (F,), the same on every rank
     value = scores.detach()[rows, columns]
     over = value > threshold[columns]
     kept_rows, kept_columns = rows[over], columns[over]
-    if cut:
-        tied_rows, tied_columns = (((scores == threshold) & enough).nonzero().unbind(1))
-        order = torch.argsort(tied_columns, stable=True)
+    at = (value == threshold[columns]) & enough[columns] & ~cut[columns]
+    tied_rows, tied_columns, counts = rows[at], columns[at], tied_sent
+    if bool(cut.any()):
+        cut_columns = cut.nonzero().squeeze(1)
+        more_rows, more = (scores[:, cut_columns] == threshold[cut_columns]).nonzero().unbind(1)
+        tied_rows, tied_columns = torch.cat([tied_rows, more_rows]), torch.cat([tied_columns, cut_columns[more]])
+        order = torch.argsort(tied_columns, stable=True)  # by column; rows stay ascending within one
         tied_rows, tied_columns = tied_rows[order], tied_columns[order]
         counts = comm.all_gather(torch.bincount(tied_columns, minlength=n_features))
-    else:
-        at = (value == threshold[columns]) & enough[columns]
-        tied_rows, tied_columns, counts = rows[at], columns[at], tied_sent
     mine = (wanted - counts[: comm.rank].sum(0)).clamp(min=0).minimum(counts[comm.rank])
     # the first mine_j ties of column j, by row (the tied entries are grouped by column, rows ascending)
     per_column = torch.bincount(tied_columns, minlength=n_features)
-    rank_in_column = torch.arange(tied_columns.numel(), device=device) - (per_column.cumsum(0) - per_column)[tied_columns]
-    take = rank_in_column < mine[tied_columns]
+    first_of_column = (per_column.cumsum(0) - per_column)[tied_columns]
+    take = torch.arange(tied_columns.numel(), device=device) - first_of_column < mine[tied_columns]
     kept = torch.zeros(scores.shape, dtype=torch.bool, device=device)
     kept[torch.cat([kept_rows, tied_rows[take]]), torch.cat([kept_columns, tied_columns[take]])] = True
     return kept

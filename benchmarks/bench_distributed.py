@@ -159,7 +159,8 @@ def main(argv=None) -> int:
         two = row["two_processes"]
         print(f"{name:20s} 1 proc {row['one_process']['tokens_per_second']:8.0f} tok/s | 2 procs "
               f"{two['tokens_per_second']:8.0f} tok/s | allocation {two['allocation_bytes_per_step']:9.0f} B/step "
-              f"vs all-gather {two['all_gather_bytes_avoided']:9.0f} B | all collectives {two['bytes_per_step']:9.0f} B "
+              f"vs all-gather {two['all_gather_bytes_avoided']:9.0f} B | all collectives "
+              f"{two['bytes_per_step']:9.0f} B "
               f"| gradients {two['gradient_bytes_per_step']:9.0f} B")
     print(f"written to {path}")
     if not args.quick and args.output is None and _common.write_marked_section(section(payload), START, END):

@@ -7,7 +7,6 @@ mask when no two scores tie.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import Phase, given, settings

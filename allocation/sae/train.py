@@ -302,6 +302,7 @@ class Trainer:
         self.config = config
         self.comm = init_from_environment(config.device, config.collective_timeout)  # None: one process
         self.rank = 0 if self.comm is None else self.comm.rank
+        self.world_size = 1 if self.comm is None else self.comm.world_size
         self.device = check_device(rank_device(config.device, self.comm), "device")
         self._attach(out, fresh=True, overwrite=overwrite)  # before any work: refuse a busy or bad --out
         self.source = load_activations(data, **config.data_options)
@@ -660,6 +661,8 @@ class Trainer:
             "eval_density": evaluation["density"],
             "eval_train_split_fvu": train_split_eval["fvu"],
             "eval_train_split_l0": train_split_eval["l0"],
+            "processes": self.world_size,
+            "allocation_scope": cfg.allocation_scope,
             "seconds": self.elapsed,
             "tokens_per_second": self.step * cfg.batch_size / max(self.elapsed, 1e-9),
         }
@@ -750,7 +753,8 @@ class Trainer:
             {k: v for k, v in group.items() if k != "params"}
             for group in self.optimizer.state_dict()["param_groups"]
         ]
-        state = {"step": self.step, "history": self.history, "elapsed": self.elapsed, "param_groups": groups}
+        state = {"step": self.step, "history": self.history, "elapsed": self.elapsed, "param_groups": groups,
+                 "world_size": self.world_size}
         config = {"train": self.config.to_dict(), "data_source": self.source.describe()}
         return save_checkpoint(self.out / "checkpoint", self.sae, config, self.state_tensors(), state)
 
@@ -806,6 +810,13 @@ class Trainer:
             raise AllocationError(
                 f"checkpoint in {str(out)!r} is inconsistent ({error!r}); start a fresh run"
             ) from None
+        saved_world = int(state.get("world_size", 1))
+        if config.allocation_scope == "local" and trainer.sae.batch_dependent and saved_world != trainer.world_size:
+            raise AllocationError(
+                f"this run allocated over each rank's own tokens (--allocation-scope local) on {saved_world} "
+                f"process(es), but this resume has {trainer.world_size}: the per-rank batch would change. Resume "
+                f"it with {saved_world} process(es) (torchrun --nproc-per-node ...)"
+            )
         if not 0 <= trainer.step <= config.steps:
             raise AllocationError(
                 f"checkpoint in {str(out)!r} is inconsistent: step {trainer.step} is outside the run's "
