@@ -162,8 +162,9 @@ def gathered_allocate(scores: Tensor, constraints: Constraints, comm: Communicat
         raise AllocationError(
             f"{constraints} caps tokens together with features or a budget (solved by the auction): no "
             f"per-rank split of these caps is exact, so global allocation gathers the whole batch, "
-            f"{shard.n_global} x {scores.shape[1]} = {entries} scores, above gather_max_entries={gather_max_entries}. Use --allocation-scope local (each rank solves its "
-            "own tokens), a smaller batch, or a rule with one family of caps (topk, feature-choice, mutual-choice)"
+            f"{shard.n_global} x {scores.shape[1]} = {entries} scores, above gather_max_entries={gather_max_entries}. "
+            "Use --allocation-scope local (each rank solves its own tokens), a smaller batch, or a rule "
+            "with one family of caps (topk, feature-choice, mutual-choice)"
         )
     padded = scores.new_full((shard.n_max, scores.shape[1]), float("-inf"))
     padded[: shard.n_local] = scores.detach()
