@@ -1,7 +1,8 @@
-"""Input checks shared by the exact solvers and the torch rules."""
+"""Input checks shared by the whole package: scores, devices, memory, positive integers and numbers."""
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Optional
 
@@ -113,9 +114,9 @@ def check_fits_in_memory(needed_bytes: int, what: str, fix: str) -> None:
 
 
 def positive_int(value, name: str, *, allow_integral_float: bool = True) -> int:
-    """``value`` as an int >= 1 (a bool is refused; 3.0 is 3 when ``allow_integral_float``), or AllocationError."""
+    """``value`` as an int >= 1 (numpy integers too; a bool is refused; 3.0 is 3 when ``allow_integral_float``)."""
     integral_float = allow_integral_float and isinstance(value, float) and value.is_integer()
-    if isinstance(value, bool) or not (isinstance(value, int) or integral_float):
+    if isinstance(value, bool) or not (isinstance(value, numbers.Integral) or integral_float):
         raise AllocationError(f"{name} must be a positive integer, got {value!r}")
     if int(value) < 1:
         raise AllocationError(f"{name} must be >= 1, got {value}")

@@ -252,7 +252,7 @@ def test_bad_arrays_in_files_and_tensors(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"batch_size": 0, "seed": 0}, "batch_size must be a positive integer"),
+        ({"batch_size": 0, "seed": 0}, "batch_size must be >= 1"),
         ({"batch_size": 2.5, "seed": 0}, "batch_size must be a positive integer"),
         ({"batch_size": True, "seed": 0}, "batch_size must be a positive integer"),
         ({"batch_size": 4, "seed": -1}, "seed must be a non-negative integer"),
@@ -271,7 +271,7 @@ def test_bad_batch_arguments(kwargs, message, kind):
 
 def test_bad_sample_and_source_arguments():
     source = load_activations(row_id_array(20))
-    with pytest.raises(AllocationError, match="n_tokens must be a positive integer"):
+    with pytest.raises(AllocationError, match="n_tokens must be >= 1"):
         source.sample(0, seed=0)
     for fraction in (0, 1, 1.5, "0.1"):
         with pytest.raises(AllocationError, match="heldout_fraction"):
@@ -354,7 +354,7 @@ def test_zipf_frequencies_and_synthetic_argument_errors():
     np.testing.assert_allclose(frequencies[0] / frequencies, np.arange(1, 11))
     with pytest.raises(AllocationError, match="mean_active"):
         SyntheticSource(8, 10, mean_active=6, max_frequency=0.5)
-    with pytest.raises(AllocationError, match="d_in must be a positive integer"):
+    with pytest.raises(AllocationError, match="d_in must be >= 1"):
         SyntheticSource(0, 10)
     with pytest.raises(AllocationError, match="magnitude_range"):
         SyntheticSource(8, 10, mean_active=1, magnitude_range=(-1, 1))
@@ -414,7 +414,7 @@ def test_minilm_argument_errors(tmp_path):
     for layer in (-1, 7, 2.0):
         with pytest.raises(AllocationError, match="layer must be an integer from 0"):
             load_activations("minilm", n_tokens=10, layer=layer, cache_dir=tmp_path)
-    with pytest.raises(AllocationError, match="n_tokens must be a positive integer"):
+    with pytest.raises(AllocationError, match="n_tokens must be >= 1"):
         load_activations("minilm", n_tokens=0, cache_dir=tmp_path)
     with pytest.raises(AllocationError, match="dtype must be one of"):
         load_activations("minilm", n_tokens=10, dtype="int8", cache_dir=tmp_path)

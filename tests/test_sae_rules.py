@@ -36,6 +36,7 @@ from allocation.sae import (
     rule_from_dict,
     rule_names,
     save_sae,
+    thresholds,
     unregister_rule,
 )
 from allocation.sae.checkpoint import MANIFEST
@@ -388,3 +389,26 @@ def test_rule_option_flag_reaches_a_registered_rule():
         assert rule_from_dict(config.make_rule().to_dict()) == Banded(k=2, factor=3)
     finally:
         unregister_rule("banded")
+
+
+def test_custom_count_correction_brings_the_eval_l0_to_the_training_l0_on_bursty_batches():
+    """Batches alternate between scale 1 and 2. Averaged auction prices alone keep ~20% too few
+    entries at eval; the correction (eval column counts vs the training mask's, one normaliser for
+    all features: a per-batch kept_j denominator settled 8% short) brings them back."""
+    rule = Custom(per_token=3, per_feature=10, k=2)
+    constraints = rule.constraints(64, 32)
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(64, 32, generator=generator) * (2.0 if index % 2 else 1.0) for index in range(500)]
+    training = [(pre, thresholds.select(pre, constraints, "auction")) for pre in batches[:300]]
+    assert all(int(selection.mask.sum()) == 128 for _, selection in training)  # the budget binds: L0 = k
+    mean_l0 = {}
+    for correction in (0.0, 0.05):
+        sae = SparseAutoencoder(8, 32, rule, threshold_correction=correction)
+        for _ in range(2):
+            for pre, selection in training:
+                sae.update_thresholds(pre, selection.mask, None, selection.prices)
+        kept = [thresholds.eval_select(pre, constraints, "auction", sae.threshold) for pre in batches[300:]]
+        assert max(int(mask.sum(dim=1).max()) for mask in kept) <= 3
+        mean_l0[correction] = sum(int(mask.sum()) for mask in kept) / (200 * 64)
+    assert mean_l0[0.0] < 2 * 0.9  # plain averaging: more than 10% short
+    assert abs(mean_l0[0.05] - 2) < 2 * 0.05  # corrected: within 5%

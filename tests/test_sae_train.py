@@ -293,3 +293,18 @@ def test_cli_train_prints_summary_table_and_resumes(tmp_path, capsys):
     assert "mutual-choice" in capsys.readouterr().out
     assert cli_main(["train", "--rule", "topk", "--k", "999", "--n-features", "48", "--no-progress"]) == 2
     assert "k=999 exceeds n_features=48" in capsys.readouterr().err
+
+
+def test_regression_train_step_uses_the_batch_rule_after_an_evaluation_left_the_sae_in_eval_mode():
+    """train_step never called sae.train(): after sae.eval() (or a downstream evaluation, whose
+    reconstruct left the SAE in eval mode) training selected with the inference thresholds."""
+    from allocation.sae.downstream import sae_reconstruction
+
+    trainer = Trainer(tiny_config("mutual-choice", aux="none"), "synthetic")
+    batches = trainer.source.batches(64, seed=0)
+    sae_reconstruction(trainer.sae)(next(batches))
+    assert trainer.sae.training, "an evaluation must restore the SAE's mode"
+    trainer.sae.eval()  # thresholds still at their initial value: eval mode keeps far more than k
+    result = trainer.train_step(next(batches))
+    assert result.l0 == pytest.approx(3.0)  # the batch budget k n, exactly
+    assert trainer.sae.training

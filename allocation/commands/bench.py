@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .._validate import check_device
+from .._validate import check_device, positive_int
 from ..errors import AllocationError
 from ..timing import time_kernels
 from ._shapes import parse_shape
@@ -49,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise AllocationError("--repeats must be >= 1 and --naive-repeats >= 0")
     device = check_device(args.device)
     if args.threads is not None:
-        if args.threads < 1:
-            raise AllocationError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(positive_int(args.threads, "--threads"))
     if not args.zipf_exponent >= 0:
         raise AllocationError(f"--zipf-exponent must be >= 0, got {args.zipf_exponent}")
     result = time_kernels(n_tokens, n_features, args.k, dtype=getattr(torch, args.dtype), device=device,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .._validate import positive_int
 from ..errors import AllocationError
 
 
@@ -40,8 +41,8 @@ def _features(text):
 def run(args: argparse.Namespace) -> int:
     from ..sae.inspect import format_report, inspect_features, render_html
 
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise AllocationError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.max_tokens is not None:
+        positive_int(args.max_tokens, "--max-tokens")
     report = inspect_features(
         args.run,
         features=_features(args.features),

@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .._validate import positive_int
 from ..errors import AllocationError
 from ..sae.rules import rule_names
 from ..sae.train import TrainConfig, Trainer, TrainingExplodedWarning, option_name
@@ -123,11 +124,9 @@ def run(args: argparse.Namespace) -> int:
     from ..sae.report import plot_runs, summary_table
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise AllocationError(f"--threads must be >= 1, got {args.threads}")
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(positive_int(args.threads, "--threads"))
     rules: List[Optional[str]] = [None]
     if args.rule is not None:
         rules = [rule.strip() for rule in args.rule.split(",") if rule.strip()]

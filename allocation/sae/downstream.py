@@ -42,10 +42,14 @@ def sae_reconstruction(sae: Any) -> Reconstruct:
     """x (n, d) -> the SAE's eval-mode reconstruction x_hat (n, d) (thresholds: no batch mates)."""
 
     def reconstruct(x: Tensor) -> Tensor:
+        was_training = sae.training
         sae.eval()
         device = sae.W_enc.device
-        with torch.no_grad():
-            return sae(x.to(device=device, dtype=sae.W_enc.dtype)).x_hat.to(device=x.device, dtype=x.dtype)
+        try:
+            with torch.no_grad():
+                return sae(x.to(device=device, dtype=sae.W_enc.dtype)).x_hat.to(device=x.device, dtype=x.dtype)
+        finally:
+            sae.train(was_training)
 
     return reconstruct
 
@@ -261,7 +265,7 @@ def open_run(run: Union[str, Path]) -> tuple[Any, Any]:
     the source is the run's activation cache when it still exists."""
     from .atomic import resolve_published
     from .checkpoint import CFG_FILE, SAE_FILE, _Reader, _sae_from
-    from .data import ArraySource, read_memmap
+    from .sources import ArraySource, read_memmap
 
     run = Path(run)
     directory = resolve_published(run / "checkpoint") or resolve_published(run)

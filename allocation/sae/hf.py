@@ -48,8 +48,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .._validate import positive_int
 from ..errors import AllocationError
-from .data import ArraySource, check_positive_int, read_memmap, sidecar_for, write_sidecar
+from .sources import ArraySource, read_memmap, sidecar_for, write_sidecar
 
 SITES = ("resid_post", "attn_out", "mlp_out")
 DTYPES = {"float32": "f32", "float16": "f16"}
@@ -702,10 +703,10 @@ def hf_activations(
             "data='hf' needs text=FILE_OR_DIR (a .txt/.jsonl file, a directory of them or a "
             "datasets save_to_disk directory)"
         )
-    n_tokens = check_positive_int(n_tokens, "n_tokens")
+    n_tokens = positive_int(n_tokens, "n_tokens", allow_integral_float=False)
     if max_length is not None:
-        max_length = check_positive_int(max_length, "max_length")
-    batch_size = check_positive_int(batch_size, "batch_size")
+        max_length = positive_int(max_length, "max_length", allow_integral_float=False)
+    batch_size = positive_int(batch_size, "batch_size", allow_integral_float=False)
     if dtype not in DTYPES:
         raise AllocationError(f"dtype must be one of {sorted(DTYPES)} (the cache's storage), got {dtype!r}")
     corpus = check_corpus(text)

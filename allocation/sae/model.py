@@ -277,9 +277,14 @@ class SparseAutoencoder(nn.Module):
         ``code``, ``prices``: as in ``batch_threshold``.
         """
         price = self.batch_threshold(pre, mask, code, prices)
-        if price is not None:
-            self.thresholds.update(pre, price, self.constraints(self.scope.n_tokens(pre.shape[0])), self.pricing,
-                                   self.scope)
+        if price is None:
+            return
+        kept = None
+        if self.pricing == "auction":  # the training mask's column counts, over the scope's batch
+            kept = self.scope.sum(torch.bincount(code.feature_index, minlength=self.n_features) if code is not None
+                                  else mask.sum(dim=0))
+        self.thresholds.update(pre, price, self.constraints(self.scope.n_tokens(pre.shape[0])), self.pricing, kept,
+                               self.scope)
 
 
     # ---- forward

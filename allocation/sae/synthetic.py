@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._validate import positive_int
 from ..errors import AllocationError
 from ..zipf import water_fill, zipf_weights
-from .data import ActivationSource, check_batch_args, check_positive_int, tensor_to_numpy
+from .sources import ActivationSource, check_batch_args, tensor_to_numpy
 
 _FEATURE_STREAM = 0
 _TOKEN_STREAM = 1
@@ -44,8 +45,8 @@ class SyntheticSource(ActivationSource):
         noise_std: float = 0.01,
         seed: int = 0,
     ):
-        self.d_in = check_positive_int(d_in, "d_in")
-        self.n_true_features = check_positive_int(n_true_features, "n_true_features")
+        self.d_in = positive_int(d_in, "d_in", allow_integral_float=False)
+        self.n_true_features = positive_int(n_true_features, "n_true_features", allow_integral_float=False)
         self.mean_active = _check_number(mean_active, "mean_active", low=0.0, low_open=True)
         self.zipf_exponent = _check_number(zipf_exponent, "zipf_exponent", low=0.0)
         self.max_frequency = _check_number(max_frequency, "max_frequency", low=0.0, low_open=True, high=1.0)
@@ -133,7 +134,7 @@ def zipf_frequencies(
 ) -> np.ndarray:
     """Zipf frequencies: p_r = min(max_frequency, c / r^s) for ranks r = 1..n, with sum p = mean_active
     (``allocation.zipf.water_fill``)."""
-    check_positive_int(n_features, "n_features")
+    positive_int(n_features, "n_features", allow_integral_float=False)
     if not 0 < mean_active < max_frequency * n_features:
         raise AllocationError(
             f"mean_active must lie in (0, max_frequency * n_features) = (0, {max_frequency * n_features:g}), "

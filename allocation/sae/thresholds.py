@@ -142,24 +142,33 @@ class ThresholdEstimator(nn.Module):
 
     @torch.no_grad()
     def update(self, pre: Tensor, price: Tensor, constraints: Constraints, kind: str,
-               scope: BatchScope = LOCAL) -> None:
+               kept_per_feature: Optional[Tensor] = None, scope: BatchScope = LOCAL) -> None:
         """Fold this batch's prices (F,) into the running estimate t = a + c (clipped at 0).
 
         a: bias-corrected exponential moving average of the batch prices (decay ``decay``).
         c: a dual-subgradient correction, iterate c' += eta * a * (count(a + c') - cap) / cap, where
-        count is how many of this batch's scores exceed a + c' (per feature for 'feature' pricing,
-        in all for 'budget') and cap the constraint it prices (m_j, or the budget B); c is the
-        moving average of the iterates (Polyak averaging, decay ITERATE_AVERAGING = 0.95). An
-        average of per-batch order statistics is biased for bursty features (on average fewer than
-        cap scores exceed it); the correction drives the expected count at the eval threshold to the
-        training budget. 'auction' prices are averaged without a correction (a per-token cap also
-        acts at eval, so no single count matches a cap). ``scope``: counts are over its batch, and
-        the four buffers are made the ranks' average where each rank priced its own rows.
+        count is how many of this batch's entries the eval rule keeps at a + c' (scores above it per
+        feature for 'feature' pricing, in all for 'budget'; per feature, under the per-token cap,
+        for 'auction') and cap what training kept (m_j or the budget B; for 'auction' the training
+        mask's column counts ``kept_per_feature`` (F,), required there); c is the moving average of
+        the iterates (Polyak averaging, decay ITERATE_AVERAGING = 0.95). An average of per-batch
+        order statistics is biased for bursty features (on average fewer than cap scores exceed
+        it); the correction drives the expected count at the eval threshold to the training one.
+        ``scope``: counts are over its batch, and the four buffers are made the ranks' average where
+        each rank priced its own rows.
         """
-        if self.weight > 0.0 and self.correction > 0.0 and kind in ("budget", "feature"):
+        if self.weight > 0.0 and self.correction > 0.0 and kind != "none":
             average = self.sum / self.weight
             current = (average + self.iterate).clamp_min(0).to(pre.dtype)
-            if kind == "budget":
+            if kind == "auction":
+                if kept_per_feature is None:
+                    raise AllocationError("auction thresholds need kept_per_feature, the training mask's column counts")
+                above = scope.sum(eval_select(pre, constraints, kind, current).sum(dim=0).to(torch.float64))
+                kept = kept_per_feature.to(device=above.device, dtype=torch.float64)
+                # one normaliser for all features and batches: a per-batch kept_j in the denominator
+                # would drive E[(count - kept) / kept] to 0 instead of E[count - kept]
+                error = (above - kept) / max(float(kept.mean()), 1.0)
+            elif kind == "budget":
                 above = scope.sum(count_above_per_column(pre, current[0]).sum())
                 capacity = float(constraints.total)
                 error = torch.full_like(average, (float(above) - capacity) / max(capacity, 1.0))

@@ -447,6 +447,7 @@ class Trainer:
 
     def _train_step(self, batch: Tensor) -> StepResult:
         cfg, sae = self.config, self.sae
+        sae.train()  # the batch rule, whatever mode an evaluation in between left the SAE in
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis.errors import Flaky
 
+from .._validate import positive_int
 from ..constraints import Constraints
 from ..errors import AllocationError
 from .checks import Outcome, check_example
@@ -60,16 +61,15 @@ def verify(
     in the same program; hypothesis also draws constants from the imported modules, so another set
     of imports can find another counterexample). A failing example is shrunk to a minimal one.
     ``tolerance`` is the objective gap allowed (absolute); by default
-    max(8 eps(dtype), 1e-9) * (1 + sum |S|): about 1e-6 * (1 + sum |S|) in float32, and in float64
-    the accuracy of the HiGHS reference (measured within 1.3e-10 * (1 + sum |S|)).
+    max(8 eps(dtype), 1e-8) * (1 + sum |S|): about 1e-6 * (1 + sum |S|) in float32, and in float64
+    the accuracy of the HiGHS reference (seen 1.9e-9 * (1 + sum |S|) short of the optimum once).
 
     Every problem with the rule (a wrong answer, an exception, a wrong shape or dtype, NaN) is a
     failed report, never an exception; bad arguments to ``verify`` raise AllocationError.
     """
     if not callable(rule):
         raise AllocationError(f"rule must be callable (scores -> mask), got {type(rule).__name__}")
-    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
-        raise AllocationError(f"examples must be a positive integer, got {examples!r}")
+    positive_int(examples, "examples", allow_integral_float=False)
     if tolerance is not None and not (float(tolerance) >= 0 and np.isfinite(float(tolerance))):
         raise AllocationError(f"tolerance must be a finite number >= 0 (or None), got {tolerance!r}")
     _check_device(device)
