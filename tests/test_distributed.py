@@ -116,6 +116,7 @@ RULES = {  # rule options, aux loss: every batch rule's global path, both aux lo
     "feature-choice": dict(rule="feature-choice", aux="k"),
     "feature-choice-zipf": dict(rule="feature-choice", zipf_capacities=1.0, aux="zipf"),
     "mutual-choice": dict(rule="mutual-choice", aux="zipf"),
+    "custom": dict(rule="custom", per_token=3, per_feature=4, aux="none"),  # mixed caps: gathered, auction
 }
 
 
