@@ -310,7 +310,8 @@ def global_feature_choice(scores: Tensor, capacity: np.ndarray, comm: Communicat
         tied_rows, tied_columns = torch.cat([tied_rows, more_rows]), torch.cat([tied_columns, cut_columns[more]])
         order = torch.argsort(tied_columns, stable=True)  # by column; rows stay ascending within one
         tied_rows, tied_columns = tied_rows[order], tied_columns[order]
-        counts = comm.all_gather(torch.bincount(tied_columns, minlength=n_features))
+        counts = tied_sent.clone()  # exact where no rank cut; the cut columns' counts are exchanged
+        counts[:, cut_columns] = comm.all_gather(torch.bincount(tied_columns, minlength=n_features)[cut_columns])
     mine = (wanted - counts[: comm.rank].sum(0)).clamp(min=0).minimum(counts[comm.rank])
     # the first mine_j ties of column j, by row (the tied entries are grouped by column, rows ascending)
     per_column = torch.bincount(tied_columns, minlength=n_features)
