@@ -74,6 +74,12 @@ def _timed_steps(trainer, args) -> dict:
     return result
 
 
+def _spread(runs: list) -> dict:
+    """The last run's bytes (the same every run) and the median, min and max tokens/s over the runs."""
+    speeds = [run["tokens_per_second"] for run in runs]
+    return {**runs[-1], "tokens_per_second": statistics.median(speeds), "tokens_per_second_runs": speeds}
+
+
 def on_ranks(rank: int, world_size: int, args, out: str) -> None:
     results = {name: _timed_steps(_trainer(options, args), args) for name, options in RULES.items()}
     if rank == 0:
@@ -83,13 +89,19 @@ def on_ranks(rank: int, world_size: int, args, out: str) -> None:
 START, END = "<!-- distributed:start -->", "<!-- distributed:end -->"
 
 
+def _speed(result: dict) -> str:
+    runs = result.get("tokens_per_second_runs", [result["tokens_per_second"]])
+    return f"{result['tokens_per_second']:.0f} [{min(runs):.0f}-{max(runs):.0f}]"
+
+
 def section(payload: dict) -> str:
     """The README's measured table, from a result file."""
     settings, load = payload["settings"], payload["machine"].get("load_average")
     lines = [
         f"Measured by `benchmarks/bench_distributed.py` (gloo, {payload['threads_per_process']} thread per process, "
         f"d_in {settings['d_in']}, F {settings['n_features']}, k {settings['k']}, global batch "
-        f"{settings['batch_size']}, median of {settings['steps']} steps, load average {load}; "
+        f"{settings['batch_size']}; tokens/s: median over {settings.get('repeats', 1)} alternated runs of the median "
+        f"of {settings['steps']} steps, [min-max] of the runs; load average {load}; "
         "`benchmarks/results/distributed_cpu.json`). Bytes are what rank 0 sends per step.",
         "",
         "| rule | 1 process tokens/s | 2 processes tokens/s | global allocation B/step | n_local x F all-gather B "
@@ -99,7 +111,7 @@ def section(payload: dict) -> str:
     for name, row in payload["rules"].items():
         two = row["two_processes"]
         lines.append(
-            f"| {name} | {row['one_process']['tokens_per_second']:.0f} | {two['tokens_per_second']:.0f} | "
+            f"| {name} | {_speed(row['one_process'])} | {_speed(two)} | "
             f"{two['allocation_bytes_per_step']:.0f} | {two['all_gather_bytes_avoided']:.0f} | "
             f"{two['bytes_per_step']:.0f} | {two['gradient_bytes_per_step']:.0f} |")
     return "\n".join(lines)
@@ -113,7 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 steps (for the tests)")
+    parser.add_argument("--repeats", type=int, default=3, help="1- and 2-process runs, alternated")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 steps, 1 repeat (for the tests)")
     parser.add_argument("--name", default="distributed")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the README table from results/")
     parser.add_argument("--output", type=Path, help="result file (default benchmarks/results/<name>_cpu.json)")
@@ -125,28 +138,32 @@ def main(argv=None) -> int:
         return 0 if _common.write_marked_section(section(payload), START, END) else 1
     if args.quick:
         args.d_in, args.n_features, args.k, args.batch_size, args.steps, args.warmup = 16, 64, 4, 64, 2, 1
+        args.repeats = 1
         args.name = args.name if args.name != "distributed" else "distributed_quick"
     torch.set_num_threads(1)
-    single = {name: _timed_steps(_trainer(options, args), args) for name, options in RULES.items()}
+    singles, pairs = [], []
     with tempfile.TemporaryDirectory() as folder:
-        out = str(Path(folder) / "ranks.pt")
-        codes = run_local_ranks(on_ranks, 2, args, out)
-        if codes != [0, 0]:
-            print(f"the 2-rank run failed: exit codes {codes}", file=sys.stderr)
-            return 1
-        ranks = torch.load(out, weights_only=False)
+        for repeat in range(args.repeats):  # alternated: the machine's load drifts
+            singles.append({name: _timed_steps(_trainer(options, args), args) for name, options in RULES.items()})
+            out = str(Path(folder) / f"ranks{repeat}.pt")
+            codes = run_local_ranks(on_ranks, 2, args, out)
+            if codes != [0, 0]:
+                print(f"the 2-rank run failed: exit codes {codes}", file=sys.stderr)
+                return 1
+            pairs.append(torch.load(out, weights_only=False))
     rows = {}
     for name in RULES:
-        two = ranks[name]
+        one = _spread([run[name] for run in singles])
+        two = _spread([run[name] for run in pairs])
         rows[name] = {
-            "one_process": single[name],
+            "one_process": one,
             "two_processes": two,
-            "speedup": two["tokens_per_second"] / single[name]["tokens_per_second"],
+            "speedup": two["tokens_per_second"] / one["tokens_per_second"],
             "allocation_bytes_vs_all_gather": two["allocation_bytes_per_step"] / two["all_gather_bytes_avoided"],
         }
     payload = {"benchmark": "distributed", "machine": _common.machine(torch.device("cpu")),
                "settings": {k: getattr(args, k) for k in ("d_in", "n_features", "k", "batch_size", "steps",
-                                                          "warmup")},
+                                                          "warmup", "repeats")},
                "backend": "gloo", "threads_per_process": 1, "allocation_scope": "global", "rules": rows}
     if args.output is not None:
         import json
