@@ -89,6 +89,11 @@ def on_ranks(rank: int, world_size: int, args, out: str) -> None:
 START, END = "<!-- distributed:start -->", "<!-- distributed:end -->"
 
 
+def _ratio(result: dict) -> str:
+    sent = result["allocation_bytes_per_step"]
+    return f"{result['all_gather_bytes_avoided'] / sent:.0f}x" if sent else "no traffic"
+
+
 def _speed(result: dict) -> str:
     runs = result.get("tokens_per_second_runs", [result["tokens_per_second"]])
     return f"{result['tokens_per_second']:.0f} [{min(runs):.0f}-{max(runs):.0f}]"
@@ -105,14 +110,14 @@ def section(payload: dict) -> str:
         "`benchmarks/results/distributed_cpu.json`). Bytes are what rank 0 sends per step.",
         "",
         "| rule | 1 process tokens/s | 2 processes tokens/s | global allocation B/step | n_local x F all-gather B "
-        "| all our collectives B/step | DDP gradients B/step |",
-        "|---|---|---|---|---|---|---|",
+        "| all-gather / allocation | all our collectives B/step | DDP gradients B/step |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in payload["rules"].items():
         two = row["two_processes"]
         lines.append(
             f"| {name} | {_speed(row['one_process'])} | {_speed(two)} | "
-            f"{two['allocation_bytes_per_step']:.0f} | {two['all_gather_bytes_avoided']:.0f} | "
+            f"{two['allocation_bytes_per_step']:.0f} | {two['all_gather_bytes_avoided']:.0f} | {_ratio(two)} | "
             f"{two['bytes_per_step']:.0f} | {two['gradient_bytes_per_step']:.0f} |")
     return "\n".join(lines)
 
