@@ -221,6 +221,20 @@ def test_local_scope_allocates_each_ranks_rows_so_it_differs_from_one_process(tw
     assert local["weights"]["thresholds.weight"] == single.sae.thresholds.weight  # same number of updates
 
 
+def test_metrics_on_two_ranks_are_those_of_one_process(two_rank_training):
+    from allocation.sae import Trainer
+
+    torch.set_num_threads(1)
+    single = Trainer(_config("mutual-choice", checkpoint_every=2))
+    single.run(stop_at_step=4)
+    ranks = two_rank_training["resume"][2]
+    assert [record["step"] for record in ranks] == [record["step"] for record in single.history]
+    for mine, theirs in zip(ranks, single.history):
+        for key in ("fvu", "main_loss", "aux_loss", "loss"):
+            assert abs(mine[key] - theirs[key]) <= 1e-5 * max(1.0, abs(theirs[key])), (key, mine, theirs)
+        assert mine["l0"] == theirs["l0"] and mine["window_tokens"] == theirs["window_tokens"]
+
+
 def test_resume_on_two_ranks_continues_identically(two_rank_training):
     straight, resumed, straight_history, resumed_history = two_rank_training["resume"]
     for key, value in straight["weights"].items():

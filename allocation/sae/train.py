@@ -460,12 +460,15 @@ class Trainer:
         main, aux = self.losses(batch, out)
         loss = main + aux
         shares = torch.stack([main.detach(), aux.detach(), loss.detach()]).to(torch.float64)
-        fired, n_tokens = out.fired, batch.shape[0]
-        if self.comm is not None:  # one all-reduce: the batch's firing counts, its losses, its tokens
-            stats = torch.cat([fired.to(torch.float64), shares, torch.tensor([float(n_tokens)], dtype=torch.float64,
-                                                                              device=fired.device)])
+        fired, n_tokens, mean = out.fired, batch.shape[0], None
+        if self.comm is not None:  # one all-reduce: the batch's firing counts, its losses, its sum and size
+            n_features = fired.shape[0]
+            stats = torch.cat([fired.to(torch.float64), shares, batch.detach().sum(dim=0).to(torch.float64),
+                               torch.tensor([float(n_tokens)], dtype=torch.float64, device=fired.device)])
             stats = sae.scope.loss_sum(stats)
-            fired, totals, n_tokens = stats[:-4].round().to(torch.int64), stats[-4:-1], int(stats[-1])
+            fired, totals = stats[:n_features].round().to(torch.int64), stats[n_features: n_features + 3]
+            n_tokens = int(stats[-1])
+            mean = (stats[n_features + 3: -1] / n_tokens).to(batch.dtype)
         else:
             totals = shares
         main_value, aux_value, loss_value = (float(v) for v in totals)
@@ -483,7 +486,7 @@ class Trainer:
         sae.update_thresholds(out.pre.detach(), out.mask, out.code, out.prices)
         self.usage.record(fired, n_tokens)
         # the window adds this rank's rows and loss shares (merged over the ranks when read, merge_window)
-        self.window.record(batch, out.x_hat.detach(), out.l0, out.fired, *(float(v) for v in shares))
+        self.window.record(batch, out.x_hat.detach(), out.l0, out.fired, *(float(v) for v in shares), mean=mean)
         self.step += 1
         l0 = float(fired.sum()) / n_tokens
         return StepResult(self.step, loss_value, main_value, aux_value, l0, lr)
