@@ -167,6 +167,7 @@ def on_two_ranks(rank, world_size, folder):
     resumed = Trainer.resume(folder / "broken")
     resumed.run(stop_at_step=4)
     results["resume"] = (_state(straight), _state(resumed), straight.history, resumed.history)
+    Trainer(_config("mutual-choice", allocation_scope="local"), out=folder / "local").run(stop_at_step=2)
     if rank == 0:
         torch.save(results, folder / "ranks.pt")
 
@@ -182,7 +183,7 @@ def _assert_close(ranks: dict, single: dict, what: str) -> None:
 def two_rank_training(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("ranks")
     assert run_local_ranks(on_two_ranks, WORLD, str(folder)) == [0, 0]
-    return torch.load(folder / "ranks.pt", weights_only=False)
+    return {**torch.load(folder / "ranks.pt", weights_only=False), "folder": folder}
 
 
 @pytest.mark.parametrize("name", list(EXACTNESS_CASES))
@@ -233,6 +234,18 @@ def test_metrics_on_two_ranks_are_those_of_one_process(two_rank_training):
         for key in ("fvu", "main_loss", "aux_loss", "loss"):
             assert abs(mine[key] - theirs[key]) <= 1e-5 * max(1.0, abs(theirs[key])), (key, mine, theirs)
         assert mine["l0"] == theirs["l0"] and mine["window_tokens"] == theirs["window_tokens"]
+
+
+def test_a_local_scope_run_resumes_only_on_as_many_processes(two_rank_training):
+    from allocation.sae import Trainer
+
+    with pytest.raises(AllocationError, match="on 2 process.*but this resume has 1"):
+        Trainer.resume(two_rank_training["folder"] / "local")
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_refused_with_the_fix():
+    with pytest.raises(AllocationError, match="choose a --batch-size divisible by 2"):
+        Shard.equal(33, 0, 2)
 
 
 def test_resume_on_two_ranks_continues_identically(two_rank_training):
