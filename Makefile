@@ -82,7 +82,8 @@ test-peers: $(PEERS_VENV)/.installed
 	$(PEERS_PY) -m pytest -q tests/test_peers.py
 
 # aux_zipf_loss's deficit variants vs aux_k_loss at the dead-feature setting (3 seeds, 1 thread per run;
-# about an hour of CPU on a 2-core machine; runs already in the results file are kept), then the README table.
+# 24 runs of 1-2 CPU minutes each, 7,700 s of run wall time summed under load here; runs already in the results file are
+# kept), then the README table.
 AUX_VARIANTS_ARGS ?= --jobs 2
 aux-variants: install
 	$(PY) benchmarks/aux_variants.py $(AUX_VARIANTS_ARGS)
