@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,notebooks,real
 
-.PHONY: install test test-fast test-interop demo lint bench bench-peers test-peers notebooks clean
+.PHONY: install test test-fast test-interop demo lint bench bench-peers test-peers notebooks aux-variants clean
 
 install: $(VENV)/.installed
 
@@ -73,6 +73,13 @@ bench-peers: $(PEERS_VENV)/.installed
 # The adapter tests with the peers importable (in .venv they skip).
 test-peers: $(PEERS_VENV)/.installed
 	$(PEERS_PY) -m pytest -q tests/test_peers.py
+
+# aux_zipf_loss's deficit variants vs aux_k_loss at the dead-feature setting (3 seeds, 1 thread per run;
+# about an hour of CPU on a 2-core machine; runs already in the results file are kept), then the README table.
+AUX_VARIANTS_ARGS ?= --jobs 2
+aux-variants: install
+	$(PY) benchmarks/aux_variants.py $(AUX_VARIANTS_ARGS)
+	$(PY) benchmarks/aux_variants.py --report
 
 # Re-execute every tutorial in place, keeping its outputs (inline figures: no MPLBACKEND override).
 notebooks: install

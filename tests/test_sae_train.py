@@ -308,3 +308,51 @@ def test_regression_train_step_uses_the_batch_rule_after_an_evaluation_left_the_
     result = trainer.train_step(next(batches))
     assert result.l0 == pytest.approx(3.0)  # the batch budget k n, exactly
     assert trainer.sae.training
+
+
+# ------------------------------------------------------------------------------ aux_zipf_loss options
+
+
+def test_aux_zipf_options_reach_the_loss():
+    from allocation.sae.losses import aux_zipf_loss
+
+    options = {"zipf_deficit": "log_ratio", "zipf_fit": True, "zipf_exclude_saturated": True, "zipf_fill": True,
+               "zipf_under_used_only": False}
+    trainer = Trainer(tiny_config(rule="topk", **options), "synthetic")
+    trainer.usage.update(torch.rand(64, 48) < torch.linspace(0.0, 0.5, 48))  # graded usage: many deficits
+    batch = trainer.source.batch(64, seed=0, batch_index=0)
+    with torch.no_grad():
+        out = trainer.sae(batch)
+        got = trainer.aux_loss(batch, out)
+        want = aux_zipf_loss(out.pre, out.mask, batch - out.x_hat, trainer.sae.W_dec, trainer.usage.frequency,
+                             3.0, deficit="log_ratio", fit=True, exclude_saturated=True, fill=True,
+                             under_used_only=False)
+        default = aux_zipf_loss(out.pre, out.mask, batch - out.x_hat, trainer.sae.W_dec, trainer.usage.frequency,
+                                3.0)
+    assert float(got) == pytest.approx(float(want)) and float(got) != pytest.approx(float(default))
+
+
+def test_configs_saved_before_0_2_keep_the_aux_zipf_loss_they_trained_with():
+    saved = {k: v for k, v in TrainConfig(aux="zipf").to_dict().items() if not k.startswith("zipf_")}
+    old = TrainConfig.from_dict({**saved, "zipf_s": 1.0})
+    assert (old.zipf_deficit, old.zipf_fit, old.zipf_exclude_saturated, old.zipf_fill, old.zipf_under_used_only) == (
+        "absolute", False, False, False, False)
+    assert TrainConfig.from_dict(TrainConfig(aux="zipf").to_dict()) == TrainConfig(aux="zipf")
+
+
+def test_aux_zipf_options_are_flags_and_bad_values_are_named():
+    import argparse
+
+    from allocation.commands.train import add_config_arguments, given_options
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--zipf-deficit", "relative", "--zipf-fit", "--no-zipf-fill"])
+    assert given_options(args, None) == {"zipf_deficit": "relative", "zipf_fit": True, "zipf_fill": False}
+    with pytest.raises(AllocationError, match="zipf_deficit must be one of absolute, relative, log_ratio"):
+        TrainConfig(zipf_deficit="square")
+    with pytest.raises(AllocationError, match="zipf_fit must be true or false"):
+        TrainConfig(zipf_fit="yes")
+    with pytest.raises(SystemExit) as exited:  # argparse's choices: usage and exit status 2
+        cli_main(["train", "--zipf-deficit", "square", "--no-progress"])
+    assert exited.value.code == 2

@@ -16,6 +16,8 @@ from .._masks import count_selected
 from .._validate import positive_int
 
 DENSITY_BINS = tuple(range(-8, 1))  # log10 firing-frequency bin edges: 1e-8 .. 1
+UNDER_USED_FACTOR = 0.1
+"""A feature is under-used when it fires less than this fraction of the uniform share (budget per token / F)."""
 
 
 class FeatureUsage:
@@ -137,7 +139,9 @@ class MetricsWindow:
         self.steps += 1
         self.loss_sums += torch.tensor([main, aux, total], dtype=torch.float64)
 
-    def summary(self, usage: FeatureUsage, budget_per_token: float, under_used_factor: float = 0.1) -> dict:
+    def summary(
+        self, usage: FeatureUsage, budget_per_token: float, under_used_factor: float = UNDER_USED_FACTOR
+    ) -> dict:
         """FVU, L0 spread, dead and under-used fractions, density histogram and mean losses."""
         steps = max(int(self.steps), 1)
         tokens = max(int(self.tokens), 1)

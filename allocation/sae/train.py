@@ -33,7 +33,15 @@ from .calibration import calibrated_copy, training_l0
 from .checkpoint import STATE_JSON, json_bytes, load_checkpoint, prefixed, save_checkpoint, with_prefix
 from .data import ActivationSource, load_activations
 from .downstream import check_downstream, trainer_downstream
-from .losses import REDUCTIONS, aux_k_loss, aux_zipf_loss, normalized_mse
+from .losses import (
+    DEFAULT_DEFICIT,
+    DEFAULT_UNDER_USED_ONLY,
+    DEFICITS,
+    REDUCTIONS,
+    aux_k_loss,
+    aux_zipf_loss,
+    normalized_mse,
+)
 from .metrics import FeatureUsage, MetricsWindow, evaluate
 from .model import (
     ENCODER_INIT_SCALE,
@@ -57,7 +65,15 @@ under Adam's per-entry steps; on MiniLM (benchmarks/results/ablation_*.json) a 3
 lowered held-out FVU in short and long runs, while the same factor on every weight helped only short
 runs. (SAELens gets a similar effect from its decoder initialised at norm 0.1.)"""
 
-FIELDS_BEFORE_0_2 = {"decoder_lr_scale": 1.0, "encoder_init_scale": 1.0}
+FIELDS_BEFORE_0_2 = {
+    "decoder_lr_scale": 1.0,
+    "encoder_init_scale": 1.0,
+    "zipf_deficit": "absolute",
+    "zipf_fit": False,
+    "zipf_exclude_saturated": False,
+    "zipf_fill": False,
+    "zipf_under_used_only": False,
+}
 """What a config saved before these fields existed trained with (resume continues it unchanged)."""
 
 
@@ -127,6 +143,18 @@ class TrainConfig:
     k_aux: Optional[int] = option(None, "auxiliary activations per token (default d_in // 2)")
     aux_coefficient: float = option(1.0 / 32.0, "weight of the auxiliary loss")
     zipf_s: float = option(1.0, "Zipf exponent s >= 0 of aux_zipf_loss's usage targets")
+    zipf_deficit: str = option(
+        DEFAULT_DEFICIT, "aux_zipf_loss's deficit of feature j below its target t_j: absolute (t_j - u_j), "
+        "relative (1 - u_j / t_j) or log_ratio (log t_j / u_j, floored)", choices=DEFICITS)
+    zipf_fit: bool = option(False, "aux_zipf_loss: targets from the Zipf law fitted (s and c, least squares on "
+                            "log-usage vs log-rank) to the features that are not under-used, instead of --zipf-s")
+    zipf_exclude_saturated: bool = option(False, "aux_zipf_loss: no deficit for the ranks whose target sits at "
+                                          "the frequency cap 1")
+    zipf_under_used_only: bool = option(
+        DEFAULT_UNDER_USED_ONLY, "aux_zipf_loss: deficits only for the under-used features (firing below "
+        "0.1 x budget / F), the dead included")
+    zipf_fill: bool = option(True, "aux_zipf_loss: capacities over the batch size are water-filled onto the other "
+                             "features (no-: clamped, those matches lost, as configs before 0.2 trained)")
     threshold_decay: float = option(0.99, "decay of the moving average of the batch dual prices (eval thresholds)")
     threshold_correction: float = option(
         0.05, "dual-subgradient step of the eval thresholds' count-matching correction (0: plain average)")
@@ -194,6 +222,12 @@ class TrainConfig:
             raise AllocationError(
                 f"zipf_s must be a finite number >= 0 (0: uniform targets, 1: Zipf's law), got {self.zipf_s!r}"
             )
+
+        if self.zipf_deficit not in DEFICITS:
+            raise AllocationError(f"zipf_deficit must be one of {', '.join(DEFICITS)}, got {self.zipf_deficit!r}")
+        for name in ("zipf_fit", "zipf_exclude_saturated", "zipf_fill", "zipf_under_used_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise AllocationError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
         if not isinstance(self.rule_options, dict) or not isinstance(self.data_options, dict):
             raise AllocationError("rule_options and data_options must be dicts")
@@ -385,6 +419,11 @@ class Trainer:
             self.usage.frequency.to(out.pre.device),
             budget,
             s=cfg.zipf_s,
+            deficit=cfg.zipf_deficit,
+            fit=cfg.zipf_fit,
+            exclude_saturated=cfg.zipf_exclude_saturated,
+            fill=cfg.zipf_fill,
+            under_used_only=cfg.zipf_under_used_only,
             k_aux=cfg.k_aux,
             coefficient=cfg.aux_coefficient,
             reduction=cfg.reduction,
