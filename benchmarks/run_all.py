@@ -52,6 +52,7 @@ def steps(device: str) -> list[tuple[str, list[str], dict]]:
         ("bench_mixed_solver.py", ["--device", device, "--output", mixed_output]
          + ([] if gpu else ["--sizes", MIXED_SIZES_CPU]), {}),
         ("bench_training.py", ["--device", device], {}),
+        *([] if gpu else [("bench_distributed.py", [], {})]),
         *([] if gpu else [("bench_training.py", ["--device", device, "--name", "training_active_wait"],
                            ACTIVE_WAIT)]),
     ]

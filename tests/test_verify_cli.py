@@ -76,4 +76,7 @@ def test_python_dash_m_entry_point(rules_module, tmp_path):
     refute = [sys.executable, "-m", "allocation", "verify", f"{rules_module}:top2", "--per-feature", "1"]
     result = subprocess.run(refute, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
-    assert "REFUTED" in result.stdout and "scores as a literal: [[1, 1, 1]]" in result.stdout
+    # which of the two smallest counterexamples the subprocess's search ends on changed with unrelated
+    # edits to allocation/sae/train.py (deterministic per code version): accept either
+    assert "REFUTED" in result.stdout
+    assert any(f"scores as a literal: {literal}\n" in result.stdout for literal in ("[[1, 1, 1]]", "[[1], [1]]"))

@@ -144,10 +144,14 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", TrainingExplodedWarning)  # printed below, once per run
         for trainer in trainers:
             summary = trainer.run(progress=not args.no_progress)
+            if trainer.rank != 0:  # under torchrun rank 0 reports; the other ranks only train
+                continue
             summaries.append(summary)
             histories[f"{summary['rule']} (aux {summary['aux']})"] = trainer.history
             for message in summary.get("warnings", []):
                 print(f"allocation train: warning ({summary['rule']}): {message}", file=sys.stderr)
+    if not summaries:
+        return 0
     print(summary_table(summaries))
     sys.stdout.flush()
     if args.plot is not None:

@@ -18,6 +18,10 @@ among dead features; scale = min(n_dead / k_aux, 1), k_aux = d_in // 2 by defaul
 aux_zipf_loss (this package): the extra activations are a Feature Choice allocation over the
 pre-activations not already active, with capacities proportional to each feature's deficit against
 a Zipf usage target (see ``zipf_targets``, ``deficits`` and ``aux_zipf_loss``).
+
+``scope`` (``allocation.sae.distributed``): under data-parallel training each rank's loss is its
+share of the global batch's, R over its rows / (the batch's token count for 'mean') / the global
+variance; the shares sum to the single-process loss of the whole batch. Default: one process.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ..constraints import Constraints
 from ..errors import AllocationError
 from ..rules import allocate_unchecked
 from ..zipf import largest_remainders, water_fill, zipf_weights
+from .distributed import LOCAL, BatchScope
 from .metrics import UNDER_USED_FACTOR
 from .sparse import decode_mask
 
@@ -54,14 +59,34 @@ def mse_loss(x: Tensor, x_hat: Tensor, reduction: str = "mean") -> Tensor:
     return reduce_squared_error((x_hat - x).pow(2), reduction)
 
 
-def normalized_mse(x: Tensor, x_hat: Tensor, reduction: str = "mean") -> Tensor:
+def normalized_mse(x: Tensor, x_hat: Tensor, reduction: str = "mean", scope: BatchScope = LOCAL) -> Tensor:
     """Main training loss R(||x - x_hat||^2) / R(||x - mean(x)||^2): the MSE in the aux losses' units.
 
     The aux losses are normalised by the residual's variance, so the main loss is normalised by the
     input's: both are scale-free and the 1/32 weight means the same for any activation scale.
     """
-    variance = reduce_squared_error((x - x.mean(dim=0)).pow(2).detach(), reduction)
-    return mse_loss(x, x_hat, reduction) / variance.clamp_min(1e-30)
+    if scope is LOCAL:
+        variance = reduce_squared_error((x - x.mean(dim=0)).pow(2).detach(), reduction)
+        return mse_loss(x, x_hat, reduction) / variance.clamp_min(1e-30)
+    return _share(x_hat - x, reduction, scope) / _variance(x.detach(), reduction, scope).clamp_min(1e-30)
+
+
+def _share(error: Tensor, reduction: str, scope: BatchScope) -> Tensor:
+    """This rank's share of R(||error||^2) over the data-parallel batch: its sum / N for 'mean'."""
+    total = reduce_squared_error(error.pow(2), "sum")
+    if reduction == "sum":
+        return total
+    n_tokens = scope.loss_sum(torch.tensor(float(error.shape[0]), dtype=torch.float64, device=error.device))
+    return total / n_tokens.to(total.dtype)
+
+
+def _variance(x: Tensor, reduction: str, scope: BatchScope) -> Tensor:
+    """R(||x - mean x||^2) over the data-parallel batch (mean and sums reduced over the ranks)."""
+    n_local = torch.tensor([float(x.shape[0])], dtype=x.dtype, device=x.device)
+    sums = scope.loss_sum(torch.cat([x.sum(dim=0), n_local]))
+    n_tokens = sums[-1]
+    squared = scope.loss_sum((x - sums[:-1] / n_tokens).pow(2).sum())
+    return squared / n_tokens if reduction == "mean" else squared
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -70,11 +95,14 @@ def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
 
 
 def _residual_reconstruction_loss(
-    pre: Tensor, mask: Tensor, residual: Tensor, W_dec: Tensor, reduction: str, sparse: bool
+    pre: Tensor, mask: Tensor, residual: Tensor, W_dec: Tensor, reduction: str, sparse: bool,
+    scope: BatchScope = LOCAL,
 ) -> Tensor:
     """R(||e_hat - e||^2) / R(||e - mean(e)||^2) with e detached and e_hat decoded without b_dec."""
     target = residual.detach()
     e_hat = decode_mask(pre, mask, W_dec, None, sparse=sparse)
+    if scope is not LOCAL:
+        return _share(e_hat - target, reduction, scope) / _variance(target, reduction, scope).clamp_min(1e-30)
     variance = reduce_squared_error((target - target.mean(dim=0)).pow(2), reduction)
     return reduce_squared_error((e_hat - target).pow(2), reduction) / variance.clamp_min(1e-30)
 
@@ -102,6 +130,7 @@ def aux_k_loss(
     coefficient: float = ALPHA_AUX,
     reduction: str = "mean",
     sparse: bool = True,
+    scope: BatchScope = LOCAL,
 ) -> Tensor:
     """alpha min(n_dead/k_aux, 1) R(||e_hat - e||^2)/R(||e - mean e||^2), e_hat from top-k_aux dead pre-acts.
 
@@ -112,7 +141,7 @@ def aux_k_loss(
     if not bool(dead.any()):
         return pre.new_zeros(())  # no graph: a zero gradient would make the encoder backward dense
     mask, scale = aux_k_selection(pre, dead, k_aux)
-    return coefficient * scale * _residual_reconstruction_loss(pre, mask, residual, W_dec, reduction, sparse)
+    return coefficient * scale * _residual_reconstruction_loss(pre, mask, residual, W_dec, reduction, sparse, scope)
 
 
 def _ranked(usage: Tensor, s: float) -> Tuple[Tensor, Tensor, Tensor]:
@@ -293,21 +322,24 @@ def aux_zipf_selection(
     usage: Tensor,
     budget: float,
     k_aux: int,
+    *,
+    scope: BatchScope = LOCAL,
     **variant: Any,
 ) -> Tuple[Tensor, float]:
     """The auxiliary Feature Choice mask of aux_zipf_loss and its scale min(|D| / k_aux, 1).
 
     ``variant``: the keyword options of ``aux_zipf_capacities`` (s, cap, deficit, fit, exclude_saturated, fill,
-    under_used_only).
+    under_used_only). ``scope``: the batch the capacities are sized for and the Feature Choice is over.
     """
-    n_tokens, n_features = pre.shape
+    n_features = pre.shape[1]
+    n_tokens = scope.n_tokens(pre.shape[0])
     if usage.shape != (n_features,):
         raise AllocationError(f"usage must have shape ({n_features},), got {tuple(usage.shape)}")
     capacities, n_candidates = aux_zipf_capacities(usage, budget, n_tokens, k_aux, **variant)
     free = ~active & (capacities > 0).to(pre.device)[None, :]
     scores = torch.where(free, pre.detach(), torch.zeros((), dtype=pre.dtype, device=pre.device))
     # scores: pre (checked finite by the SAE) or 0, so the unchecked call (no second pass over (n, F))
-    return allocate_unchecked(scores, Constraints(per_feature=capacities.cpu())), min(n_candidates / k_aux, 1.0)
+    return scope.allocate(scores, Constraints(per_feature=capacities.cpu())), min(n_candidates / k_aux, 1.0)
 
 
 def aux_zipf_loss(
@@ -329,6 +361,7 @@ def aux_zipf_loss(
     exclude_saturated: bool = False,
     fill: bool = True,
     under_used_only: bool = DEFAULT_UNDER_USED_ONLY,
+    scope: BatchScope = LOCAL,
 ) -> Tensor:
     """Auxiliary loss towards Zipf-shaped feature usage (dead AND under-used features).
 
@@ -352,9 +385,9 @@ def aux_zipf_loss(
     """
     k_aux = _check_k_aux(k_aux, residual.shape[-1])
     mask, scale = aux_zipf_selection(
-        pre, active, usage, budget, k_aux, s=s, cap=cap, deficit=deficit, fit=fit, exclude_saturated=exclude_saturated,
-        fill=fill, under_used_only=under_used_only,
+        pre, active, usage, budget, k_aux, scope=scope, s=s, cap=cap, deficit=deficit, fit=fit,
+        exclude_saturated=exclude_saturated, fill=fill, under_used_only=under_used_only,
     )
     if scale == 0.0:
         return pre.new_zeros(())  # no graph: a zero gradient would make the encoder backward dense
-    return coefficient * scale * _residual_reconstruction_loss(pre, mask, residual, W_dec, reduction, sparse)
+    return coefficient * scale * _residual_reconstruction_loss(pre, mask, residual, W_dec, reduction, sparse, scope)

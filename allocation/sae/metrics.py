@@ -128,11 +128,15 @@ class MetricsWindow:
 
     @torch.no_grad()
     def record(
-        self, x: Tensor, x_hat: Tensor, l0: Tensor, fired: Tensor, main: float, aux: float, total: float
+        self, x: Tensor, x_hat: Tensor, l0: Tensor, fired: Tensor, main: float, aux: float, total: float,
+        mean: Optional[Tensor] = None,
     ) -> None:
-        """Add one batch from its kept entries per token ``l0`` (n,) and per feature ``fired`` (F,)."""
+        """Add one batch from its kept entries per token ``l0`` (n,) and per feature ``fired`` (F,).
+
+        ``mean``: the batch's mean (d,) when ``x`` is one rank's rows of it (default: x's own mean).
+        """
         self.squared_error += float((x_hat - x).pow(2).sum())
-        self.variance += float((x - x.mean(dim=0)).pow(2).sum())
+        self.variance += float((x - (x.mean(dim=0) if mean is None else mean)).pow(2).sum())
         self.l0_counts += torch.bincount(l0.cpu(), minlength=self.n_features + 1)
         self.fired += fired.cpu()
         self.tokens += x.shape[0]

@@ -25,6 +25,7 @@ from .._validate import all_finite, positive_int, positive_number
 from ..constraints import Constraints
 from ..errors import AllocationError
 from . import rules, thresholds
+from .distributed import LOCAL
 from .encoder import affinities
 from .rules import Custom, FeatureChoice, MutualChoice, TopK, make_rule, rule_from_dict
 from .sparse import SparseCode, decode_dense, decode_sparse
@@ -154,6 +155,7 @@ class SparseAutoencoder(nn.Module):
         self._constraints_for: tuple = (None, None)  # (n_tokens, Constraints) of the last batch size
         self.decode_mode = decode
         self.sparse_backward = True  # encoder gradients from the kept entries only (see .encoder)
+        self.scope = LOCAL  # the batch training allocates over (allocation.sae.distributed)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         W_dec = torch.randn(n_features, d_in, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
@@ -259,7 +261,8 @@ class SparseAutoencoder(nn.Module):
         if code is None:
             code = SparseCode.from_mask(pre, mask)
         return thresholds.batch_prices(pre, mask, code.feature_index, code.values.detach(),
-                                       self.constraints(pre.shape[0]), self.pricing, prices)
+                                       self.constraints(self.scope.n_tokens(pre.shape[0])), self.pricing, prices,
+                                       self.scope)
 
     @torch.no_grad()
     def set_thresholds(self, values: Tensor) -> None:
@@ -277,10 +280,11 @@ class SparseAutoencoder(nn.Module):
         if price is None:
             return
         kept = None
-        if self.pricing == "auction":
-            kept = (torch.bincount(code.feature_index, minlength=self.n_features) if code is not None
-                    else mask.sum(dim=0))
-        self.thresholds.update(pre, price, self.constraints(pre.shape[0]), self.pricing, kept)
+        if self.pricing == "auction":  # the training mask's column counts, over the scope's batch
+            kept = self.scope.sum(torch.bincount(code.feature_index, minlength=self.n_features) if code is not None
+                                  else mask.sum(dim=0))
+        self.thresholds.update(pre, price, self.constraints(self.scope.n_tokens(pre.shape[0])), self.pricing, kept,
+                               self.scope)
 
 
     # ---- forward
@@ -300,9 +304,10 @@ class SparseAutoencoder(nn.Module):
                 "the encoder produced NaN or inf affinities from finite activations: the SAE's weights "
                 "have diverged (check W_enc, b_enc, b_dec)"
             )
-        constraints = self.constraints(pre.shape[0])
         if self.training:
-            return thresholds.select(pre, constraints, self.pricing)
+            constraints = self.constraints(self.scope.n_tokens(pre.shape[0]))
+            return thresholds.select(pre, constraints, self.pricing, self.scope)
+        constraints = self.constraints(pre.shape[0])
         return thresholds.Selection(thresholds.eval_select(pre, constraints, self.pricing, self.threshold))
 
     def uses_sparse_decode(self, nnz: int, n_tokens: int) -> bool:

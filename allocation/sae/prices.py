@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .._masks import count_selected
+from .distributed import LOCAL, BatchScope
 
 ROWS_PER_CHUNK = 256
 """Row chunk of the threshold passes: small temporaries the allocator reuses, instead of fresh (n, F)
@@ -30,15 +31,29 @@ def largest_dropped_per_column(pre: Tensor, mask: Tensor) -> Tensor:
     return largest
 
 
-def budget_price(pre: Tensor, mask: Tensor, kept_values: Tensor, budget: int) -> Tensor:
-    """Scalar price of a total budget: midpoint of the smallest kept and largest dropped score (0 if slack)."""
-    if kept_values.numel() == 0 or kept_values.numel() < budget:
+def budget_price(pre: Tensor, mask: Tensor, kept_values: Tensor, budget: int, scope: BatchScope = LOCAL) -> Tensor:
+    """Scalar price of a total budget: midpoint of the smallest kept and largest dropped score (0 if slack).
+
+    ``scope``: the batch the budget is over (the smallest, largest and count reduced over its ranks).
+    """
+    n_kept = int(scope.sum(torch.tensor(kept_values.numel(), device=pre.device)))
+    if n_kept == 0 or n_kept < budget:
         return pre.new_zeros(())
-    return (kept_values.min() + largest_dropped_per_column(pre, mask).max().clamp_min(0)) / 2
+    smallest = scope.min(_smallest(kept_values, pre))
+    largest_dropped = scope.max(largest_dropped_per_column(pre, mask).max() if pre.shape[0] else _minus_inf(pre))
+    return (smallest + largest_dropped.clamp_min(0)) / 2
+
+
+def _smallest(values: Tensor, like: Tensor) -> Tensor:
+    return values.min() if values.numel() else like.new_tensor(float("inf"))
+
+
+def _minus_inf(like: Tensor) -> Tensor:
+    return like.new_tensor(float("-inf"))
 
 
 def feature_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values: Tensor, capacity,
-                   budget: Optional[int] = None) -> Tensor:
+                   budget: Optional[int] = None, scope: BatchScope = LOCAL) -> Tensor:
     """(F,) prices of per-feature caps ``capacity`` (int or (F,)): midpoints, 0 where a cap is slack.
 
     A zero capacity is always tight: its column keeps nothing and is priced at its largest score
@@ -47,20 +62,21 @@ def feature_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values
 
     With a ``budget`` that the mask uses up, every column is priced (its cap or the budget binds); a
     column that kept nothing then gets the smallest kept score overall, which is above each of its
-    entries (none beat the budget's price).
+    entries (none beat the budget's price). ``scope``: counts, smallest and largest reduced over its ranks.
     """
     n_features = pre.shape[1]
     if isinstance(capacity, Tensor):
         capacity = capacity.to(pre.device)
-    kept = torch.bincount(feature_index, minlength=n_features)
-    smallest_kept = pre.new_full((n_features,), float("inf")).scatter_reduce_(
+    kept = scope.sum(torch.bincount(feature_index, minlength=n_features))
+    smallest_kept = scope.min(pre.new_full((n_features,), float("inf")).scatter_reduce_(
         0, feature_index, kept_values, "amin"
-    )
-    largest_dropped = largest_dropped_per_column(pre, mask).clamp_min(0)
+    ))
+    largest_dropped = scope.max(largest_dropped_per_column(pre, mask)).clamp_min(0)
     price = (smallest_kept + largest_dropped) / 2
     tight = (kept >= capacity) & (kept > 0)
-    if budget is not None and kept_values.numel() >= budget > 0:
-        price = torch.where(kept > 0, price, kept_values.min())
+    n_kept = int(kept.sum())
+    if budget is not None and n_kept >= budget > 0:
+        price = torch.where(kept > 0, price, smallest_kept.min())
         tight = torch.ones_like(tight)
     closed = torch.as_tensor(capacity, device=pre.device) == 0
     if bool(closed.any()):  # a zero capacity is always tight: its price is its largest (dropped) score

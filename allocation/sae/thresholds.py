@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..constraints import Constraints
 from ..errors import AllocationError
 from ..rules import _as_count, allocate_unchecked, select_top
+from .distributed import LOCAL, BatchScope
 from .prices import budget_price, count_above_per_column, feature_prices
 
 ITERATE_AVERAGING = 0.95  # decay of the Polyak average of the threshold-correction iterates
@@ -53,14 +54,15 @@ class Selection:
     prices: Optional[Tensor] = None
 
 
-def select(pre: Tensor, constraints: Constraints, kind: str) -> Selection:
-    """The exact training mask (scores already checked finite); the auction returns its prices with it."""
-    if kind == "auction":
-        from ..exact_torch import solve_mixed
+def select(pre: Tensor, constraints: Constraints, kind: str, scope: BatchScope = LOCAL) -> Selection:
+    """The exact training mask (scores already checked finite); the auction returns its prices with it.
 
-        solution = solve_mixed(pre, constraints)
-        return Selection(solution.mask, solution.feature_prices + solution.budget_price)
-    return Selection(allocate_unchecked(pre, constraints))
+    ``scope``: the batch ``constraints`` are for (``allocation.sae.distributed``; this process's rows by default).
+    """
+    if kind == "auction":
+        solution, rows = scope.solve_mixed(pre, constraints)
+        return Selection(solution.mask if rows is None else rows, solution.feature_prices + solution.budget_price)
+    return Selection(scope.allocate(pre, constraints))
 
 
 def eval_select(pre: Tensor, constraints: Constraints, kind: str, thresholds: Tensor) -> Tensor:
@@ -74,7 +76,8 @@ def eval_select(pre: Tensor, constraints: Constraints, kind: str, thresholds: Te
 
 
 def batch_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values: Tensor,
-                 constraints: Constraints, kind: str, auction_prices: Optional[Tensor] = None) -> Optional[Tensor]:
+                 constraints: Constraints, kind: str, auction_prices: Optional[Tensor] = None,
+                 scope: BatchScope = LOCAL) -> Optional[Tensor]:
     """This batch's dual prices (F,) under ``kind`` pricing, or None ('none').
 
     'budget': ``budget_price``; 'feature': ``feature_prices`` (with the budget's tightness when there
@@ -84,12 +87,12 @@ def batch_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values: 
     if kind == "none":
         return None
     if kind == "budget":
-        return budget_price(pre, mask, kept_values, constraints.total).expand(n_features).clone()
+        return budget_price(pre, mask, kept_values, constraints.total, scope).expand(n_features).clone()
     if kind == "feature":
         return feature_prices(pre, mask, feature_index, kept_values, _raw_capacity(constraints),
-                              budget=constraints.total)
+                              budget=constraints.total, scope=scope)
     if auction_prices is None:
-        auction_prices = select(pre, constraints, kind).prices
+        auction_prices = select(pre, constraints, kind, scope).prices
     return auction_prices.to(device=pre.device, dtype=pre.dtype)
 
 
@@ -139,7 +142,7 @@ class ThresholdEstimator(nn.Module):
 
     @torch.no_grad()
     def update(self, pre: Tensor, price: Tensor, constraints: Constraints, kind: str,
-               kept_per_feature: Optional[Tensor] = None) -> None:
+               kept_per_feature: Optional[Tensor] = None, scope: BatchScope = LOCAL) -> None:
         """Fold this batch's prices (F,) into the running estimate t = a + c (clipped at 0).
 
         a: bias-corrected exponential moving average of the batch prices (decay ``decay``).
@@ -151,6 +154,8 @@ class ThresholdEstimator(nn.Module):
         the iterates (Polyak averaging, decay ITERATE_AVERAGING = 0.95). An average of per-batch
         order statistics is biased for bursty features (on average fewer than cap scores exceed
         it); the correction drives the expected count at the eval threshold to the training one.
+        ``scope``: counts are over its batch, and the four buffers are made the ranks' average where
+        each rank priced its own rows.
         """
         if self.weight > 0.0 and self.correction > 0.0 and kind != "none":
             average = self.sum / self.weight
@@ -158,17 +163,17 @@ class ThresholdEstimator(nn.Module):
             if kind == "auction":
                 if kept_per_feature is None:
                     raise AllocationError("auction thresholds need kept_per_feature, the training mask's column counts")
-                above = eval_select(pre, constraints, kind, current).sum(dim=0).to(torch.float64)
+                above = scope.sum(eval_select(pre, constraints, kind, current).sum(dim=0).to(torch.float64))
                 kept = kept_per_feature.to(device=above.device, dtype=torch.float64)
                 # one normaliser for all features and batches: a per-batch kept_j in the denominator
                 # would drive E[(count - kept) / kept] to 0 instead of E[count - kept]
                 error = (above - kept) / max(float(kept.mean()), 1.0)
             elif kind == "budget":
-                above = count_above_per_column(pre, current[0]).sum()
+                above = scope.sum(count_above_per_column(pre, current[0]).sum())
                 capacity = float(constraints.total)
                 error = torch.full_like(average, (float(above) - capacity) / max(capacity, 1.0))
             else:
-                above = count_above_per_column(pre, current)
+                above = scope.sum(count_above_per_column(pre, current))
                 capacity = _raw_capacity(constraints)
                 capacity = (
                     capacity.to(device=pre.device, dtype=torch.float64)
@@ -181,6 +186,8 @@ class ThresholdEstimator(nn.Module):
             self.offset.mul_(ITERATE_AVERAGING).add_(self.iterate, alpha=1 - ITERATE_AVERAGING)
         self.sum.mul_(self.decay).add_(price.to(torch.float64), alpha=1 - self.decay)
         self.weight.mul_(self.decay).add_(1 - self.decay)
+        for buffer in (self.sum, self.offset, self.iterate):
+            scope.synchronise_(buffer)
 
 
 def calibration_constraints(constraints: Constraints, n_tokens: int, n_features: int,

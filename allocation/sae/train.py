@@ -32,6 +32,16 @@ from .atomic import resolve_published, write_file
 from .calibration import calibrated_copy, training_l0
 from .checkpoint import STATE_JSON, json_bytes, load_checkpoint, prefixed, save_checkpoint, with_prefix
 from .data import ActivationSource, load_activations
+from .distributed import (
+    LOCAL,
+    SCOPES,
+    RankScope,
+    data_parallel,
+    init_from_environment,
+    merge_window,
+    rank_device,
+    window_share,
+)
 from .downstream import check_downstream, trainer_downstream
 from .losses import (
     DEFAULT_DEFICIT,
@@ -57,7 +67,7 @@ from .saelens import export_saelens, metadata_from_source
 AUX_NAMES = ("none", "k", "zipf")
 EXPLODED_FVU = 10.0  # a train or eval FVU above this (10x worse than predicting the mean) is an explosion
 # may differ from the checkpoint on resume (downstream*: evaluation after training only)
-RESUMABLE_CHANGES = ("tokens", "device", "checkpoint_every", "downstream", "downstream_tokens")
+RESUMABLE_CHANGES = ("tokens", "device", "checkpoint_every", "downstream", "downstream_tokens", "collective_timeout")
 
 DECODER_LR_SCALE = 3.0
 """W_dec's Adam learning rate relative to the other parameters'. Unit-norm decoder rows move slowly
@@ -169,6 +179,11 @@ class TrainConfig:
         "held-out calibration tokens (default: the rule's training budget per token; 0 skips it)")
     b_dec_sample: int = option(4096, "tokens whose geometric median initialises b_dec")
     seed: int = option(0, "seed of the SAE's initialisation and the batch order")
+    allocation_scope: str = option(
+        "global", "under torchrun (several processes): global allocates each batch rule over the global batch, "
+        "exactly as one process would; local over each rank's own tokens (per-rank batches)", choices=SCOPES)
+    collective_timeout: float = option(
+        300.0, "several processes: seconds a rank waits for the others before the run fails; may change on --resume")
     device: str = option("cpu", "torch device for the SAE and the batches, e.g. cpu or cuda; may change on --resume")
     data: str = option("synthetic", "synthetic | minilm | hf (a local transformers model: --data-option model=DIR "
                        "text=FILE layer=L) | PATH (.npy, .safetensors, memmap); in-memory arrays are recorded as "
@@ -229,6 +244,9 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise AllocationError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
+        if self.allocation_scope not in SCOPES:
+            raise AllocationError(f"allocation_scope must be one of {', '.join(SCOPES)}, got {self.allocation_scope!r}")
+        positive_number(self.collective_timeout, "collective_timeout")
         if not isinstance(self.rule_options, dict) or not isinstance(self.data_options, dict):
             raise AllocationError("rule_options and data_options must be dicts")
         self.make_rule().validate(self.n_features)
@@ -316,7 +334,10 @@ class Trainer:
         config = copy.deepcopy(config)
         config.data = str(data) if isinstance(data, (str, Path)) else "<array>"
         self.config = config
-        self.device = check_device(config.device, "device")
+        self.comm = init_from_environment(config.device, config.collective_timeout)  # None: one process
+        self.rank = 0 if self.comm is None else self.comm.rank
+        self.world_size = 1 if self.comm is None else self.comm.world_size
+        self.device = check_device(rank_device(config.device, self.comm), "device")
         self._attach(out, fresh=True, overwrite=overwrite)  # before any work: refuse a busy or bad --out
         self.source = load_activations(data, **config.data_options)
         check_downstream(config, self.source)
@@ -340,6 +361,11 @@ class Trainer:
                 f"the SAE has n_features={sae.n_features} but the config has n_features={config.n_features}"
             )
         self.sae = sae.to(self.device)
+        self.model: torch.nn.Module = self.sae  # what a training step calls: the SAE, or its DDP wrapper
+        self.gradient_bytes = [0]  # bytes of gradients this rank all-reduced (data-parallel runs)
+        if self.comm is not None:
+            self.sae.scope = RankScope(self.comm, config.batch_size, config.allocation_scope)
+            self.model = data_parallel(self.sae, self.comm, self.gradient_bytes)
         groups = [
             {"params": [sae.W_dec], "lr_scale": float(config.decoder_lr_scale)},
             {"params": [sae.W_enc, sae.b_enc, sae.b_dec], "lr_scale": 1.0},
@@ -354,7 +380,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- the run directory
     def _attach(self, out: Union[str, Path, None], *, fresh: bool, overwrite: bool = False) -> None:
-        """Use ``out`` as the run directory: writable, and (fresh run) empty unless ``overwrite``."""
+        """Use ``out`` as the run directory: writable, and (fresh run) empty unless ``overwrite``.
+
+        With several processes only rank 0 writes (and checks) it; ``checkpoints`` is set on every rank.
+        """
+        self.checkpoints = out is not None
+        if self.rank != 0:
+            out = None
         self.out = Path(out) if out is not None else None
         self.rundir = RunDirectory(self.out) if self.out is not None else None
         self._pending_fresh: Optional[str] = None
@@ -409,8 +441,10 @@ class Trainer:
                 coefficient=cfg.aux_coefficient,
                 reduction=cfg.reduction,
                 sparse=sparse,
+                scope=self.sae.scope,
             )
-        budget = self.sae.budget(out.pre.shape[0]) / out.pre.shape[0]
+        n_tokens = self.sae.scope.n_tokens(out.pre.shape[0])
+        budget = self.sae.budget(n_tokens) / n_tokens
         return aux_zipf_loss(
             out.pre,
             out.mask,
@@ -428,31 +462,60 @@ class Trainer:
             coefficient=cfg.aux_coefficient,
             reduction=cfg.reduction,
             sparse=sparse,
+            scope=self.sae.scope,
         )
 
     def losses(self, batch: Tensor, out: SAEOutput) -> Tuple[Tensor, Tensor]:
         """(main, aux): normalized MSE R(||x - x_hat||^2) / R(||x - mean x||^2) and the aux loss."""
-        return normalized_mse(batch, out.x_hat, self.config.reduction), self.aux_loss(batch, out)
+        return normalized_mse(batch, out.x_hat, self.config.reduction, self.sae.scope), self.aux_loss(batch, out)
 
     def train_step(self, batch: Tensor) -> StepResult:
-        """One optimisation step on ``batch`` (n, d_in); raises TrainingDivergedError on NaN/inf."""
+        """One optimisation step on ``batch`` (n, d_in); raises TrainingDivergedError on NaN/inf.
+
+        With several processes ``batch`` is this rank's rows of the global batch (``RankScope.rows``),
+        and a collective that fails (a rank died or timed out) raises RankFailedError.
+        """
+        if self.comm is None:
+            return self._train_step(batch)
+        try:
+            return self._train_step(batch)
+        except AllocationError:
+            raise
+        except (RuntimeError, torch.distributed.DistError) as error:  # DDP's own collectives
+            raise self.comm.failure(f"training step {self.step + 1}", error) from None
+
+    def _train_step(self, batch: Tensor) -> StepResult:
         cfg, sae = self.config, self.sae
         sae.train()  # the batch rule, whatever mode an evaluation in between left the SAE in
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         try:
-            out = sae(batch)
+            out = self.model(batch)
         except NonFiniteAffinitiesError:
             raise TrainingDivergedError(
                 self._diverged_message("the affinities (encoder output)", float("nan"))
             ) from None
         main, aux = self.losses(batch, out)
         loss = main + aux
-        if not bool(torch.isfinite(loss.detach())):
-            raise TrainingDivergedError(self._diverged_message("the loss", float(loss.detach())))
+        shares = torch.stack([main.detach(), aux.detach(), loss.detach()]).to(torch.float64)
+        fired, n_tokens, mean = out.fired, batch.shape[0], None
+        if self.comm is not None:  # one all-reduce: the batch's firing counts, its losses, its sum and size
+            n_features = fired.shape[0]
+            stats = torch.cat([fired.to(torch.float64), shares, batch.detach().sum(dim=0).to(torch.float64),
+                               torch.tensor([float(n_tokens)], dtype=torch.float64, device=fired.device)])
+            stats = sae.scope.loss_sum(stats)
+            fired, totals = stats[:n_features].round().to(torch.int64), stats[n_features: n_features + 3]
+            n_tokens = int(stats[-1])
+            mean = (stats[n_features + 3: -1] / n_tokens).to(batch.dtype)
+        else:
+            totals = shares
+        main_value, aux_value, loss_value = (float(v) for v in totals)
+        if not math.isfinite(loss_value):
+            raise TrainingDivergedError(self._diverged_message("the loss", loss_value))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP averages the ranks' gradients: each rank's share times the number of ranks sums them
+        (loss if self.comm is None else loss * self.comm.world_size).backward()
         sae.remove_parallel_gradient()
         grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         if not bool(torch.isfinite(grad_norm)):
@@ -460,12 +523,11 @@ class Trainer:
         self.optimizer.step()
         self._check_parameters(sae.normalize_decoder())
         sae.update_thresholds(out.pre.detach(), out.mask, out.code, out.prices)
-        l0_per_token, fired = out.l0, out.fired
-        self.usage.record(fired, batch.shape[0])
-        main_value, aux_value, loss_value = float(main.detach()), float(aux.detach()), float(loss.detach())
-        self.window.record(batch, out.x_hat.detach(), l0_per_token, fired, main_value, aux_value, loss_value)
+        self.usage.record(fired, n_tokens)
+        # the window adds this rank's rows and loss shares (merged over the ranks when read, merge_window)
+        self.window.record(batch, out.x_hat.detach(), out.l0, out.fired, *(float(v) for v in shares), mean=mean)
         self.step += 1
-        l0 = float(l0_per_token.sum()) / batch.shape[0]
+        l0 = float(fired.sum()) / n_tokens
         return StepResult(self.step, loss_value, main_value, aux_value, l0, lr)
 
     def parameter_problem(self, decoder_norms: Optional[Tensor] = None, *, buffers: bool = True) -> Optional[str]:
@@ -532,7 +594,7 @@ class Trainer:
         cfg = self.config
         last = cfg.steps if stop_at_step is None else min(stop_at_step, cfg.steps)
         bar = None
-        if progress:
+        if progress and self.rank == 0:
             from tqdm.auto import tqdm
 
             bar = tqdm(
@@ -544,6 +606,8 @@ class Trainer:
                 dynamic_ncols=True,
             )
         batches = self.source.batches(cfg.batch_size, seed=cfg.seed, start_batch=self.step)
+        if self.comm is not None:  # this rank's rows of every global batch
+            batches = map(self.sae.scope.rows, batches)
         if self.out is not None and self.step < last:
             # summary.json describes a finished state this run is about to change (e.g. a resume with
             # more --tokens): remove it, so that its presence always means 'finished, export current'
@@ -555,6 +619,9 @@ class Trainer:
                 bar.close()
         if self.step < cfg.steps:
             return {"stopped_at_step": self.step}
+        if self.rank != 0:  # rank 0 evaluates and exports (no collectives); the others are done
+            return {"rank": self.rank, "steps": self.step}
+        self.sae.scope = LOCAL  # evaluation is batch-independent: no rank is needed any more
         return self.finish()
 
     def _train_until(self, last: int, batches, bar, on_metrics) -> None:
@@ -569,18 +636,23 @@ class Trainer:
                         bar.set_postfix(loss=f"{result.loss:.4g}", l0=f"{result.l0:.1f}", refresh=False)
                 if self.step % cfg.metrics_every == 0 or self.step == cfg.steps:
                     self._report(started, on_metrics)
-                if self.out is not None and (
+                if self.checkpoints and (
                     (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == last
                 ):
                     self.elapsed += time.perf_counter() - started
                     started = time.perf_counter()
-                    self.save()
+                    merge_window(self.window, self.sae.scope, held_by_rank0=True)  # the checkpoint: every rank's rows
+                    if self.out is not None:
+                        self.save()
+                    if self.comm is not None:  # every rank may read the checkpoint once this returns
+                        self.comm.barrier()
         finally:
             self.elapsed += time.perf_counter() - started
 
     def _report(self, started: float, on_metrics: Optional[Callable[[dict], None]]) -> None:
         cfg = self.config
         budget = self.sae.budget(cfg.batch_size) / cfg.batch_size
+        merge_window(self.window, self.sae.scope)
         record = {
             "step": self.step,
             "tokens": self.step * cfg.batch_size,
@@ -632,6 +704,8 @@ class Trainer:
             "eval_density": evaluation["density"],
             "eval_train_split_fvu": train_split_eval["fvu"],
             "eval_train_split_l0": train_split_eval["l0"],
+            "processes": self.world_size,
+            "allocation_scope": cfg.allocation_scope,
             "seconds": self.elapsed,
             "tokens_per_second": self.step * cfg.batch_size / max(self.elapsed, 1e-9),
         }
@@ -722,7 +796,8 @@ class Trainer:
             {k: v for k, v in group.items() if k != "params"}
             for group in self.optimizer.state_dict()["param_groups"]
         ]
-        state = {"step": self.step, "history": self.history, "elapsed": self.elapsed, "param_groups": groups}
+        state = {"step": self.step, "history": self.history, "elapsed": self.elapsed, "param_groups": groups,
+                 "world_size": self.world_size}
         config = {"train": self.config.to_dict(), "data_source": self.source.describe()}
         return save_checkpoint(self.out / "checkpoint", self.sae, config, self.state_tensors(), state)
 
@@ -767,6 +842,7 @@ class Trainer:
             trainer.optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
             trainer.usage.load_state_dict(with_prefix(tensors, "usage."))
             trainer.window.load_state_dict(with_prefix(tensors, "window."))
+            window_share(trainer.window, trainer.sae.scope)
             torch.set_rng_state(tensors["rng.torch"])
             trainer.step, trainer.history, trainer.elapsed = (
                 int(state["step"]),
@@ -777,6 +853,13 @@ class Trainer:
             raise AllocationError(
                 f"checkpoint in {str(out)!r} is inconsistent ({error!r}); start a fresh run"
             ) from None
+        saved_world = int(state.get("world_size", 1))
+        if config.allocation_scope == "local" and trainer.sae.batch_dependent and saved_world != trainer.world_size:
+            raise AllocationError(
+                f"this run allocated over each rank's own tokens (--allocation-scope local) on {saved_world} "
+                f"process(es), but this resume has {trainer.world_size}: the per-rank batch would change. Resume "
+                f"it with {saved_world} process(es) (torchrun --nproc-per-node ...)"
+            )
         if not 0 <= trainer.step <= config.steps:
             raise AllocationError(
                 f"checkpoint in {str(out)!r} is inconsistent: step {trainer.step} is outside the run's "
