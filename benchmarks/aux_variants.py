@@ -51,15 +51,20 @@ SETTING = {
 QUICK = {**SETTING, "n_features": 128, "k": 4, "tokens": 4096, "batch_size": 256, "dead_tokens": 512,
          "metrics_every": 4, "data": "synthetic", "data_options": {}}
 
+ZIPF = {"aux": "zipf", "zipf_deficit": "absolute", "zipf_fit": False, "zipf_exclude_saturated": False,
+        "zipf_under_used_only": False, "zipf_fill": True}
+"""aux_zipf_loss before 0.2 (but water-filled capacities): every variant below changes it explicitly, so a change
+of TrainConfig's defaults cannot change a variant."""
+
 VARIANTS = {
     "none": {"aux": "none"},
     "aux_k": {"aux": "k"},
-    "zipf_absolute": {"aux": "zipf", "zipf_deficit": "absolute"},
-    "zipf_relative": {"aux": "zipf", "zipf_deficit": "relative"},
-    "zipf_log_ratio": {"aux": "zipf", "zipf_deficit": "log_ratio"},
-    "zipf_exclude_saturated": {"aux": "zipf", "zipf_deficit": "absolute", "zipf_exclude_saturated": True},
-    "zipf_fitted": {"aux": "zipf", "zipf_deficit": "absolute", "zipf_fit": True},
-    "zipf_under_used": {"aux": "zipf", "zipf_deficit": "relative", "zipf_under_used_only": True},
+    "zipf_absolute": ZIPF,
+    "zipf_relative": {**ZIPF, "zipf_deficit": "relative"},
+    "zipf_log_ratio": {**ZIPF, "zipf_deficit": "log_ratio"},
+    "zipf_exclude_saturated": {**ZIPF, "zipf_exclude_saturated": True},
+    "zipf_fitted": {**ZIPF, "zipf_fit": True},
+    "zipf_under_used": {**ZIPF, "zipf_deficit": "relative", "zipf_under_used_only": True},
 }
 """Each changes only the auxiliary loss of SETTING (aux_zipf variants: one option from the absolute deficit;
 zipf_under_used, added after the first five all ended with more dead features than no auxiliary loss: the

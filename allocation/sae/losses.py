@@ -328,8 +328,8 @@ def aux_zipf_selection(
 ) -> Tuple[Tensor, float]:
     """The auxiliary Feature Choice mask of aux_zipf_loss and its scale min(|D| / k_aux, 1).
 
-    ``variant``: the keyword options of ``aux_zipf_capacities`` (s, cap, deficit, fit, exclude_saturated, fill,
-    under_used_only). ``scope``: the batch the capacities are sized for and the Feature Choice is over.
+    ``scope``: the batch the capacities are sized for and the Feature Choice is over. ``variant``: the
+    keyword options of ``aux_zipf_capacities`` (s, cap, deficit, fit, exclude_saturated, fill, under_used_only).
     """
     n_features = pre.shape[1]
     n_tokens = scope.n_tokens(pre.shape[0])
@@ -385,8 +385,8 @@ def aux_zipf_loss(
     """
     k_aux = _check_k_aux(k_aux, residual.shape[-1])
     mask, scale = aux_zipf_selection(
-        pre, active, usage, budget, k_aux, scope=scope, s=s, cap=cap, deficit=deficit, fit=fit,
-        exclude_saturated=exclude_saturated, fill=fill, under_used_only=under_used_only,
+        pre, active, usage, budget, k_aux, s=s, cap=cap, deficit=deficit, fit=fit, exclude_saturated=exclude_saturated,
+        fill=fill, under_used_only=under_used_only, scope=scope,
     )
     if scale == 0.0:
         return pre.new_zeros(())  # no graph: a zero gradient would make the encoder backward dense
