@@ -217,8 +217,8 @@ def recovery_lines(table: dict) -> list[str]:
         return []
     better = [label for label, outcome in outcomes if outcome == "higher"]
     worse = [label for label, outcome in outcomes if outcome == "lower"]
-    return [f"Recovery against TopK with the same aux: higher for {', '.join(better) or 'none'}; lower for "
-            f"{', '.join(worse) or 'none'} ({len(outcomes) - len(better) - len(worse)} within the seeds' spread).",
+    return [f"Recovery against TopK with the same aux: higher for {', '.join(better) or 'no rule'}; lower for "
+            f"{', '.join(worse) or 'no rule'} ({len(outcomes) - len(better) - len(worse)} within the seeds' spread).",
             ""]
 
 
