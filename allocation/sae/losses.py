@@ -38,7 +38,7 @@ from ..errors import AllocationError
 from ..rules import allocate_unchecked
 from ..zipf import largest_remainders, water_fill, zipf_weights
 from .distributed import LOCAL, BatchScope
-from .metrics import UNDER_USED_FACTOR
+from .metrics import UNDER_USED_FACTOR, under_used
 from .sparse import decode_mask
 
 ALPHA_AUX = 1.0 / 32.0
@@ -310,7 +310,7 @@ def aux_zipf_capacities(
     targets = aux_zipf_targets(usage, budget, s=s, cap=cap, fit=fit, exclude_saturated=exclude_saturated)
     weight = deficits(usage, targets, deficit)
     if under_used_only:
-        weight = torch.where(usage.to(weight) < UNDER_USED_FACTOR * budget / usage.numel(), weight, 0.0)
+        weight = torch.where(under_used(usage, budget).to(weight.device), weight, 0.0)
     n_candidates = int((weight > 0).sum())
     total = min(k_aux, n_candidates) * n_tokens
     return proportional_capacities(weight, total, n_tokens, fill=fill), n_candidates
