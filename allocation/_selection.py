@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -97,7 +98,7 @@ def select_top_blocked(scores: Tensor, count: Count, dim: Optional[int]) -> Opti
     if dim is None:
         return top_overall_blocked(scores, int(count))
     if dim == 0:
-        return top_per_column_blocked(scores, _count_vector(count, scores.shape[1], scores.device))
+        return top_per_column_blocked(scores, count_vector(count, scores.shape[1], scores.device))
     return None
 
 
@@ -129,18 +130,60 @@ def top_overall_blocked(scores: Tensor, total: int) -> Optional[Tensor]:
     return _mask_from(scores, index.reshape(-1)[candidate[chosen]])
 
 
+@dataclass(frozen=True)
+class ColumnFrontier:
+    """Every entry of each column j at or above ``floor[j]``, as a per-column selection found them.
+
+    ``index`` (flat indices into the scores), ``values``, ``columns`` and ``chosen`` (kept by the
+    selection) list the entries; ``floor`` (F,) is 0 for a column that lists all its positive
+    entries. Each column lists at least count_j + 1 entries or all its positive ones, so the
+    largest entry it does not choose is its largest dropped score wherever that is positive.
+    """
+
+    index: Tensor
+    values: Tensor
+    columns: Tensor
+    chosen: Tensor
+    floor: Tensor
+
+    def largest_unchosen(self) -> Tensor:
+        """max(0, max{S_ij : i not chosen}) per column j (F,): the largest dropped score, clipped at 0."""
+        dropped = ~self.chosen
+        return self.values.new_zeros(self.floor.shape).scatter_reduce_(
+            0, self.columns[dropped], self.values[dropped], "amax")
+
+    def count_above(self, threshold: Tensor) -> tuple[Tensor, Tensor]:
+        """#{i : S_ij > threshold_j} per column (F,) float64, and where that is exact (threshold_j >= floor[j])."""
+        above = (self.values > threshold[self.columns]).to(torch.float64)
+        counts = torch.bincount(self.columns, weights=above, minlength=self.floor.numel())
+        return counts, threshold >= self.floor
+
+
 def top_per_column_blocked(scores: Tensor, counts: Tensor) -> Optional[Tensor]:
     """Feature Choice: max <S, M> s.t. M^T 1 <= counts, via per-column thresholds on block maxima."""
+    found = top_per_column_frontier(scores, counts)
+    return None if found is None else found[0]
+
+
+def top_per_column_frontier(scores: Tensor, counts: Tensor) -> Optional[tuple[Tensor, Optional[ColumnFrontier]]]:
+    """``top_per_column_blocked``'s mask and the candidates it chose from (None if all counts are 0).
+
+    The thresholds are for counts[j] + 1 entries, so that the candidates reach one entry past the
+    chosen ones: the frontier prices the selection (``ColumnFrontier``) without another pass.
+    """
     n_features = scores.shape[1]
     if int(counts.max()) == 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
+        return torch.zeros_like(scores, dtype=torch.bool), None
     fine = row_block_max(scores, ROWS_PER_BLOCK, reuse=True)  # (n_blocks, F)
-    threshold = _at_least_positive(_column_thresholds(fine, counts))  # (F,): >= counts[j] entries >= T_j
+    threshold = _at_least_positive(_column_thresholds(fine, counts + 1))  # (F,): >= counts[j] + 1 entries >= T_j
     blocks, columns = (fine >= threshold).nonzero().unbind(1)  # blocks that can hold a chosen entry
     if blocks.numel() * ROWS_PER_BLOCK > MAX_GATHER_FRACTION * scores.numel():
         return None
+    floor = torch.where(threshold == _at_least_positive(threshold.new_zeros(())), 0, threshold)
     if blocks.numel() == 0:  # no positive entry anywhere
-        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        empty = torch.zeros(0, dtype=torch.long, device=scores.device)
+        return (torch.zeros(scores.shape, dtype=torch.bool, device=scores.device),
+                ColumnFrontier(empty, scores.new_zeros(0), empty, empty.bool(), floor))
     index, values = _gather_cells(scores, blocks, columns)  # (cells, ROWS_PER_BLOCK), in memory order
     above = (values >= threshold[columns, None]).reshape(-1).nonzero().squeeze(1)  # the only candidates
     columns = columns[above // ROWS_PER_BLOCK]
@@ -148,7 +191,9 @@ def top_per_column_blocked(scores: Tensor, counts: Tensor) -> Optional[Tensor]:
     entries, columns = above[by_column], columns[by_column]
     index, values = index.reshape(-1)[entries], values.reshape(-1)[entries]
     chosen = _top_per_column(values, columns, counts, n_features, 2 * MAX_GATHER_FRACTION * scores.numel())
-    return None if chosen is None else _mask_from(scores, index[chosen])
+    if chosen is None:
+        return None
+    return _mask_from(scores, index[chosen]), ColumnFrontier(index, values, columns, chosen, floor)
 
 
 def kth_largest(values: Tensor, counts: Tensor) -> Tensor:
@@ -307,7 +352,7 @@ def _one(total: int, scores: Tensor) -> Tensor:
     return torch.tensor([total], dtype=torch.long, device=scores.device)
 
 
-def _count_vector(count: Count, length: int, device: torch.device) -> Tensor:
+def count_vector(count: Count, length: int, device: torch.device) -> Tensor:
     """Per-slice counts as an int64 vector of ``length``."""
     if isinstance(count, Tensor):
         return count.to(device=device, dtype=torch.long).reshape(-1).expand(length)

@@ -39,6 +39,16 @@ def select_top(scores: Tensor, count: Union[int, Tensor], dim: Optional[int]) ->
     return _selection.select_top_plain(scores, count, dim)
 
 
+def select_per_column(scores: Tensor, count: Union[int, Tensor]) -> tuple[Tensor, Optional[_selection.ColumnFrontier]]:
+    """``select_top(scores, count, dim=0)`` and, where the blocked path chose, the candidates it chose from."""
+    if _selection.blocked_pays(scores.numel(), 0):
+        found = _selection.top_per_column_frontier(
+            scores.detach().contiguous(), _selection.count_vector(count, scores.shape[1], scores.device))
+        if found is not None:
+            return found
+    return _selection.select_top_plain(scores, count, 0), None
+
+
 def _cap_for_torch(cap: CapLike, name: str, length: int, axis: str, most: int) -> Union[int, Tensor]:
     """A validated cap (required) as an int, or as an int64 tensor of the right length; caps above
     ``most`` (what the matrix can use) are clipped to it, which changes no mask."""

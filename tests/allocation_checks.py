@@ -9,11 +9,13 @@ public strategies' default range of 1e12 (``allocation.verify`` allows float32's
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from hypothesis import strategies as st
 
-from allocation import Constraints
+from allocation import Constraints, _selection
 from allocation.testing import allocation_problems, score_elements
 from allocation.testing import score_matrices as tensor_score_matrices
 from allocation.verification.strategies import REGIMES
@@ -70,3 +72,22 @@ def assert_feasible(mask: np.ndarray, scores: np.ndarray, constraints: Constrain
         assert np.all(mask.sum(axis=0) <= caps_.per_feature), "per-feature cap exceeded"
     if caps_.total is not None:
         assert mask.sum() <= caps_.total, "budget exceeded"
+
+
+@contextlib.contextmanager
+def blocked_everywhere(rows_per_block: int = 8):
+    """Force the blocked path on any size: no size threshold, no gather limit, small blocks, and
+    a low bar for padding wide columns apart (so both padded groups occur on small matrices)."""
+    names = ("BLOCKED_MIN_NUMEL", "BLOCKED_MIN_NUMEL_OVERALL", "MAX_GATHER_FRACTION", "ROWS_PER_BLOCK",
+             "WIDE_COLUMN_MIN", "WIDE_COLUMN_FACTOR")
+    saved = {name: getattr(_selection, name) for name in names}
+    forced = {"BLOCKED_MIN_NUMEL": 0, "BLOCKED_MIN_NUMEL_OVERALL": 0, "MAX_GATHER_FRACTION": float("inf"),
+              "ROWS_PER_BLOCK": rows_per_block,
+              "WIDE_COLUMN_MIN": 1, "WIDE_COLUMN_FACTOR": 1.0}  # columns above the mean are padded apart
+    for name, value in forced.items():
+        setattr(_selection, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(_selection, name, value)

@@ -10,12 +10,12 @@ exercises the blocked path on small matrices; a few realistic sizes check that i
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import numpy as np
 import pytest
 import torch
+from allocation_checks import blocked_everywhere
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,25 +41,6 @@ def score_tensors(draw, max_tokens: int = 33, max_features: int = 21) -> torch.T
     values = draw(st.lists(VALUES[regime], min_size=n_tokens * n_features, max_size=n_tokens * n_features))
     dtype = draw(st.sampled_from(DTYPES))
     return torch.tensor(values, dtype=torch.float64).reshape(n_tokens, n_features).to(dtype)
-
-
-@contextlib.contextmanager
-def blocked_everywhere(rows_per_block: int = 8):
-    """Force the blocked path on any size: no size threshold, no gather limit, small blocks, and
-    a low bar for padding wide columns apart (so both padded groups occur on small matrices)."""
-    names = ("BLOCKED_MIN_NUMEL", "BLOCKED_MIN_NUMEL_OVERALL", "MAX_GATHER_FRACTION", "ROWS_PER_BLOCK",
-             "WIDE_COLUMN_MIN", "WIDE_COLUMN_FACTOR")
-    saved = {name: getattr(_selection, name) for name in names}
-    forced = {"BLOCKED_MIN_NUMEL": 0, "BLOCKED_MIN_NUMEL_OVERALL": 0, "MAX_GATHER_FRACTION": float("inf"),
-              "ROWS_PER_BLOCK": rows_per_block,
-              "WIDE_COLUMN_MIN": 1, "WIDE_COLUMN_FACTOR": 1.0}  # columns above the mean are padded apart
-    for name, value in forced.items():
-        setattr(_selection, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(_selection, name, value)
 
 
 def selected_values(scores: torch.Tensor, mask: torch.Tensor) -> list[float]:
@@ -112,6 +93,41 @@ def test_per_column_blocked_is_exact(data, scores, rows_per_block):
         mask = _selection.select_top_blocked(scores, count, 0)
     assert mask is not None
     assert_exact(scores, mask, count, 0)
+
+
+@given(st.data(), score_tensors(), st.sampled_from([1, 2, 3, 8]))
+def test_per_column_frontier_prices_the_selection_it_came_from(data, scores, rows_per_block):
+    """The frontier lists exactly the entries >= floor_j of each column j (positive ones), at least
+    count_j + 1 of them or all the positive ones (floor 0), with the selection's choices; so its
+    largest unchosen entry is the column's largest dropped score clipped at 0, and its counts above a
+    threshold at or above the floor are exact (thresholds tied with the scores, and 0)."""
+    n_tokens, n_features = scores.shape
+    count = data.draw(column_counts(n_features))
+    counts = _selection.count_vector(count, n_features, scores.device)
+    with blocked_everywhere(rows_per_block):
+        found = _selection.top_per_column_frontier(scores, counts)
+    assert found is not None
+    mask, frontier = found
+    assert_exact(scores, mask, count, 0)
+    if frontier is None:
+        assert int(counts.max()) == 0
+        return
+    listed = torch.zeros_like(mask)
+    listed.view(-1)[frontier.index] = True
+    assert torch.equal(listed, (scores >= frontier.floor) & (scores > 0))
+    assert frontier.index.numel() == int(listed.sum())  # each entry listed once
+    assert torch.equal(frontier.values, scores.reshape(-1)[frontier.index])
+    assert torch.equal(frontier.columns, frontier.index % n_features)
+    assert torch.equal(frontier.chosen, mask.reshape(-1)[frontier.index])
+    assert int(frontier.chosen.sum()) == int(mask.sum())  # every chosen entry is listed
+    assert bool(((listed.sum(0) >= counts.clamp(max=n_tokens) + 1) | (frontier.floor == 0)).all())
+    dropped = torch.where(mask, float("-inf"), scores).amax(dim=0).clamp_min(0)
+    assert torch.equal(frontier.largest_unchosen(), dropped)
+    row = data.draw(st.integers(0, n_tokens - 1), label="threshold row")
+    for threshold in (scores[row], scores[row].clamp_min(0), torch.zeros_like(scores[row])):
+        above, exact = frontier.count_above(threshold)
+        assert torch.equal(exact, threshold >= frontier.floor)
+        assert torch.equal(above[exact], (scores > threshold).sum(0).double()[exact])
 
 
 @settings(max_examples=40)

@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+from allocation_checks import blocked_everywhere
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import allocation.sae.model as model
 import allocation.sae.prices as prices
+import allocation.sae.thresholds as thresholds
 from allocation.errors import AllocationError
 from allocation.sae import (
     FeatureChoice,
@@ -271,6 +273,40 @@ def test_batch_prices_from_the_sparse_code_match_their_definition(data, pre):
     code = SparseCode.from_mask(pre, mask)
     torch.testing.assert_close(sae.batch_threshold(pre, mask, code), expected, rtol=0, atol=0)
     torch.testing.assert_close(sae.batch_threshold(pre, mask), expected, rtol=0, atol=0)
+
+
+@settings(max_examples=80)
+@given(data=st.data(), pre=score_matrices(max_tokens=40, max_features=12))
+def test_pricing_from_the_selection_frontier_equals_pricing_from_the_mask(data, pre):
+    """Feature Choice's blocked selection hands its frontier to pricing: the batch prices and the
+    count-corrected threshold updates equal those computed from the mask and the whole matrix."""
+    n_tokens, n_features = pre.shape
+    rule = data.draw(st.sampled_from([
+        FeatureChoice(k=data.draw(st.integers(1, n_features), label="k")),
+        FeatureChoice(m=data.draw(st.integers(1, n_tokens + 1), label="m")),
+        FeatureChoice(capacities=data.draw(st.lists(st.integers(0, n_tokens + 1), min_size=n_features,
+                                                    max_size=n_features), label="capacities")),
+    ]), label="rule")
+    from_frontier, from_mask = (SparseAutoencoder(4, n_features, rule) for _ in range(2))
+    rows_per_block = data.draw(st.sampled_from([1, 2, 8]), label="rows per block")
+    # batches whose prices fall below and above the running thresholds (which are then below some floors)
+    for batch in (pre, 0.5 * pre, 2 * pre, pre.flip(0) - 1, pre):
+        with blocked_everywhere(rows_per_block):
+            selection = thresholds.select(batch, from_frontier.constraints(n_tokens), "feature")
+        code = SparseCode.from_mask(batch, selection.mask)
+        assert torch.equal(from_frontier.batch_threshold(batch, selection.mask, code, frontier=selection.frontier),
+                           from_mask.batch_threshold(batch, selection.mask, code))
+        from_frontier.update_thresholds(batch, selection.mask, code, frontier=selection.frontier)
+        from_mask.update_thresholds(batch, selection.mask, code)
+        for name, buffer in from_mask.thresholds.state_dict().items():
+            assert torch.equal(from_frontier.thresholds.state_dict()[name], buffer), name
+
+
+def test_feature_choice_training_prices_from_its_frontier_at_training_sizes():
+    """At a training batch the blocked path runs by default and its frontier reaches the update."""
+    sae = SparseAutoencoder(32, 4096, FeatureChoice(k=8))
+    out = sae(_data(256, d=32) * 3)
+    assert out.frontier is not None and int(out.frontier.chosen.sum()) == int(out.mask.sum())
 
 
 @settings(max_examples=60)

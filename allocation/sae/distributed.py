@@ -39,6 +39,7 @@ class BatchScope:
     world_size = 1
     rank = 0
     allocation = "local"
+    is_global = False  # whether the batch spans several processes
 
     def n_tokens(self, n_local: int) -> int:
         """The batch size the rule's caps are computed for."""

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .._masks import count_selected
+from .._selection import ColumnFrontier
 from .._validate import all_finite, positive_int, positive_number
 from ..constraints import Constraints
 from ..errors import AllocationError
@@ -103,6 +104,7 @@ class SAEOutput:
     mask: Tensor  # (n, F) bool, kept entries
     code: Optional[SparseCode] = None  # kept entries as (token, feature, value), when decoded sparsely
     prices: Optional[Tensor] = None  # mixed caps: the auction's certified eval prices b_j + lambda (F,)
+    frontier: Optional[ColumnFrontier] = None  # per-feature caps: the selection's candidates (prices them)
 
     @property
     def l0(self) -> Tensor:
@@ -244,7 +246,7 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def batch_threshold(self, pre: Tensor, mask: Tensor, code: Optional[SparseCode] = None,
-                        prices: Optional[Tensor] = None) -> Optional[Tensor]:
+                        prices: Optional[Tensor] = None, frontier: Optional[ColumnFrontier] = None) -> Optional[Tensor]:
         """This batch's dual prices (F,), or None for rules without batch dependence (TopK).
 
         A price lies between the smallest kept and the largest dropped score of its slice (the
@@ -255,6 +257,7 @@ class SparseAutoencoder(nn.Module):
 
         ``code``: the kept entries of ``mask`` as the forward pass built them (built here from
         ``mask`` when absent); the kept side is read from its nnz values, not from the (n, F) matrix.
+        ``frontier``: the selection's candidates (``SAEOutput.frontier``), which hold the dropped side.
         """
         if self.pricing == "none":
             return None
@@ -262,7 +265,7 @@ class SparseAutoencoder(nn.Module):
             code = SparseCode.from_mask(pre, mask)
         return thresholds.batch_prices(pre, mask, code.feature_index, code.values.detach(),
                                        self.constraints(self.scope.n_tokens(pre.shape[0])), self.pricing, prices,
-                                       self.scope)
+                                       self.scope, frontier)
 
     @torch.no_grad()
     def set_thresholds(self, values: Tensor) -> None:
@@ -271,12 +274,12 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def update_thresholds(self, pre: Tensor, mask: Tensor, code: Optional[SparseCode] = None,
-                          prices: Optional[Tensor] = None) -> None:
+                          prices: Optional[Tensor] = None, frontier: Optional[ColumnFrontier] = None) -> None:
         """Fold this batch's dual prices into the running estimate (``ThresholdEstimator.update``).
 
-        ``code``, ``prices``: as in ``batch_threshold``.
+        ``code``, ``prices``, ``frontier``: as in ``batch_threshold`` (from this batch's forward pass).
         """
-        price = self.batch_threshold(pre, mask, code, prices)
+        price = self.batch_threshold(pre, mask, code, prices, frontier)
         if price is None:
             return
         kept = None
@@ -284,7 +287,7 @@ class SparseAutoencoder(nn.Module):
             kept = self.scope.sum(torch.bincount(code.feature_index, minlength=self.n_features) if code is not None
                                   else mask.sum(dim=0))
         self.thresholds.update(pre, price, self.constraints(self.scope.n_tokens(pre.shape[0])), self.pricing, kept,
-                               self.scope)
+                               self.scope, frontier)
 
 
     # ---- forward
@@ -329,9 +332,11 @@ class SparseAutoencoder(nn.Module):
         mask = selection.mask
         if self.uses_sparse_decode(int(count_selected(mask)), pre.shape[0]):
             code = SparseCode.from_mask(pre, mask)
-            return SAEOutput(decode_sparse(code, self.W_dec, self.b_dec), pre, mask, code, selection.prices)
+            return SAEOutput(decode_sparse(code, self.W_dec, self.b_dec), pre, mask, code, selection.prices,
+                             selection.frontier)
         dense = torch.where(mask, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
-        return SAEOutput(decode_dense(dense, self.W_dec, self.b_dec), pre, mask, prices=selection.prices)
+        return SAEOutput(decode_dense(dense, self.W_dec, self.b_dec), pre, mask, prices=selection.prices,
+                         frontier=selection.frontier)
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense activations f (n, F): the kept affinities, zeros elsewhere."""

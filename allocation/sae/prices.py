@@ -4,7 +4,11 @@ A batch rule keeps entry (i, j) iff pre_ij is above its slice's price: one globa
 budget (Mutual Choice), one price per feature for feature caps (Feature Choice). Any value between
 the smallest kept and the largest dropped score of the slice is an optimal dual; we take the
 midpoint (the dropped side clipped at 0: only positive scores are kept), and 0 where the cap is slack.
-The passes over the (n, F) matrix run in row chunks.
+
+The passes over the (n, F) matrix run in row chunks. Feature Choice's blocked selection hands over
+the candidates it chose from (``allocation._selection.ColumnFrontier``: every entry of a column down
+to a floor just below its largest dropped score), which replaces the largest-dropped pass and the
+count of most columns.
 """
 
 from __future__ import annotations
@@ -15,11 +19,17 @@ import torch
 from torch import Tensor
 
 from .._masks import count_selected
+from .._selection import ColumnFrontier
 from .distributed import LOCAL, BatchScope
 
 ROWS_PER_CHUNK = 256
 """Row chunk of the threshold passes: small temporaries the allocator reuses, instead of fresh (n, F)
 tensors each step (page faults on CPU, and two more (n, F) tensors at the step's peak memory)."""
+
+REREAD_COLUMNS_MAX = 0.5
+"""``count_above_per_column`` reads the columns a frontier cannot count (typically a third: thresholds
+below this batch's (m_j + 1)-th score) out of the matrix when they are at most this share of them,
+else makes one pass over the whole matrix."""
 
 
 def largest_dropped_per_column(pre: Tensor, mask: Tensor) -> Tensor:
@@ -53,7 +63,8 @@ def _minus_inf(like: Tensor) -> Tensor:
 
 
 def feature_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values: Tensor, capacity,
-                   budget: Optional[int] = None, scope: BatchScope = LOCAL) -> Tensor:
+                   budget: Optional[int] = None, scope: BatchScope = LOCAL,
+                   frontier: Optional[ColumnFrontier] = None) -> Tensor:
     """(F,) prices of per-feature caps ``capacity`` (int or (F,)): midpoints, 0 where a cap is slack.
 
     A zero capacity is always tight: its column keeps nothing and is priced at its largest score
@@ -63,6 +74,8 @@ def feature_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values
     With a ``budget`` that the mask uses up, every column is priced (its cap or the budget binds); a
     column that kept nothing then gets the smallest kept score overall, which is above each of its
     entries (none beat the budget's price). ``scope``: counts, smallest and largest reduced over its ranks.
+    ``frontier``: the selection's of ``mask`` (``allocation._selection.ColumnFrontier``), which holds
+    the largest dropped scores (clipped at 0) without a pass over ``pre``.
     """
     n_features = pre.shape[1]
     if isinstance(capacity, Tensor):
@@ -71,7 +84,8 @@ def feature_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values
     smallest_kept = scope.min(pre.new_full((n_features,), float("inf")).scatter_reduce_(
         0, feature_index, kept_values, "amin"
     ))
-    largest_dropped = scope.max(largest_dropped_per_column(pre, mask)).clamp_min(0)
+    dropped = largest_dropped_per_column(pre, mask) if frontier is None else frontier.largest_unchosen()
+    largest_dropped = scope.max(dropped).clamp_min(0)
     price = (smallest_kept + largest_dropped) / 2
     tight = (kept >= capacity) & (kept > 0)
     n_kept = int(kept.sum())
@@ -85,9 +99,27 @@ def feature_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values
     return torch.where(tight, price, torch.zeros_like(price))
 
 
-def count_above_per_column(pre: Tensor, threshold: Tensor) -> Tensor:
-    """#{i : pre_ij > threshold_j} per column j, as float64 (threshold: (F,) or a scalar)."""
-    counts = torch.zeros(pre.shape[1], dtype=torch.int64, device=pre.device)
+def count_above_per_column(pre: Tensor, threshold: Tensor, frontier: Optional[ColumnFrontier] = None) -> Tensor:
+    """#{i : pre_ij > threshold_j} per column j, as float64 (threshold: (F,) or a scalar).
+
+    ``frontier``: a selection's of ``pre``; the columns whose threshold is at or above its floor are
+    counted among its entries, and only the others (when at most REREAD_COLUMNS_MAX of them) are
+    read from ``pre``.
+    """
+    if frontier is not None and threshold.dim() == 1:
+        counts, exact = frontier.count_above(threshold)
+        rest = (~exact).nonzero().squeeze(1)
+        if rest.numel() <= REREAD_COLUMNS_MAX * pre.shape[1]:
+            if rest.numel():
+                counts[rest] = _count_above(pre, threshold[rest], rest)
+            return counts
+    return _count_above(pre, threshold)
+
+
+def _count_above(pre: Tensor, threshold: Tensor, columns: Optional[Tensor] = None) -> Tensor:
+    """#{i : pre_ij > threshold_j} for the ``columns`` given (all by default), in row chunks."""
+    counts = torch.zeros(pre.shape[1] if columns is None else columns.numel(), dtype=torch.int64, device=pre.device)
     for start in range(0, pre.shape[0], ROWS_PER_CHUNK):
-        counts += count_selected(pre[start : start + ROWS_PER_CHUNK] > threshold, dim=0)
+        rows = pre[start : start + ROWS_PER_CHUNK]
+        counts += count_selected((rows if columns is None else rows.index_select(1, columns)) > threshold, dim=0)
     return counts.to(torch.float64)

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._selection import ColumnFrontier
 from ..constraints import Constraints
 from ..errors import AllocationError
-from ..rules import _as_count, allocate_unchecked, select_top
+from ..rules import _as_count, allocate_unchecked, select_per_column, select_top
 from .distributed import LOCAL, BatchScope
 from .prices import budget_price, count_above_per_column, feature_prices
 
@@ -48,10 +49,15 @@ def pricing(constraints: Constraints) -> str:
 
 @dataclass(frozen=True)
 class Selection:
-    """A batch's training mask and, for 'auction' pricing, its certified eval prices b_j + lambda (F,)."""
+    """A batch's training mask, with what prices it without another pass over the scores.
+
+    ``prices``: 'auction' pricing's certified eval prices b_j + lambda (F,). ``frontier``: for
+    per-feature caps alone, the candidates the blocked selection chose from (None where it did not run).
+    """
 
     mask: Tensor
     prices: Optional[Tensor] = None
+    frontier: Optional[ColumnFrontier] = None
 
 
 def select(pre: Tensor, constraints: Constraints, kind: str, scope: BatchScope = LOCAL) -> Selection:
@@ -62,6 +68,9 @@ def select(pre: Tensor, constraints: Constraints, kind: str, scope: BatchScope =
     if kind == "auction":
         solution, rows = scope.solve_mixed(pre, constraints)
         return Selection(solution.mask if rows is None else rows, solution.feature_prices + solution.budget_price)
+    if kind == "feature" and constraints.total is None and not scope.is_global:
+        mask, frontier = select_per_column(pre, _as_count(constraints.resolve(*pre.shape).per_feature))
+        return Selection(mask, frontier=frontier)
     return Selection(scope.allocate(pre, constraints))
 
 
@@ -77,11 +86,12 @@ def eval_select(pre: Tensor, constraints: Constraints, kind: str, thresholds: Te
 
 def batch_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values: Tensor,
                  constraints: Constraints, kind: str, auction_prices: Optional[Tensor] = None,
-                 scope: BatchScope = LOCAL) -> Optional[Tensor]:
+                 scope: BatchScope = LOCAL, frontier: Optional[ColumnFrontier] = None) -> Optional[Tensor]:
     """This batch's dual prices (F,) under ``kind`` pricing, or None ('none').
 
     'budget': ``budget_price``; 'feature': ``feature_prices`` (with the budget's tightness when there
-    is one); 'auction': ``auction_prices`` (solved here by ``solve_mixed`` when not given).
+    is one; ``frontier``: ``Selection.frontier`` of ``mask``, when it has one); 'auction':
+    ``auction_prices`` (solved here by ``solve_mixed`` when not given).
     """
     n_features = pre.shape[1]
     if kind == "none":
@@ -90,7 +100,7 @@ def batch_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values: 
         return budget_price(pre, mask, kept_values, constraints.total, scope).expand(n_features).clone()
     if kind == "feature":
         return feature_prices(pre, mask, feature_index, kept_values, _raw_capacity(constraints),
-                              budget=constraints.total, scope=scope)
+                              budget=constraints.total, scope=scope, frontier=frontier)
     if auction_prices is None:
         auction_prices = select(pre, constraints, kind, scope).prices
     return auction_prices.to(device=pre.device, dtype=pre.dtype)
@@ -142,7 +152,8 @@ class ThresholdEstimator(nn.Module):
 
     @torch.no_grad()
     def update(self, pre: Tensor, price: Tensor, constraints: Constraints, kind: str,
-               kept_per_feature: Optional[Tensor] = None, scope: BatchScope = LOCAL) -> None:
+               kept_per_feature: Optional[Tensor] = None, scope: BatchScope = LOCAL,
+               frontier: Optional[ColumnFrontier] = None) -> None:
         """Fold this batch's prices (F,) into the running estimate t = a + c (clipped at 0).
 
         a: bias-corrected exponential moving average of the batch prices (decay ``decay``).
@@ -155,7 +166,8 @@ class ThresholdEstimator(nn.Module):
         order statistics is biased for bursty features (on average fewer than cap scores exceed
         it); the correction drives the expected count at the eval threshold to the training one.
         ``scope``: counts are over its batch, and the four buffers are made the ranks' average where
-        each rank priced its own rows.
+        each rank priced its own rows. ``frontier``: the training selection's (``Selection.frontier``),
+        which holds the 'feature' counts of most columns.
         """
         if self.weight > 0.0 and self.correction > 0.0 and kind != "none":
             average = self.sum / self.weight
@@ -173,7 +185,7 @@ class ThresholdEstimator(nn.Module):
                 capacity = float(constraints.total)
                 error = torch.full_like(average, (float(above) - capacity) / max(capacity, 1.0))
             else:
-                above = scope.sum(count_above_per_column(pre, current))
+                above = scope.sum(count_above_per_column(pre, current, frontier))
                 capacity = _raw_capacity(constraints)
                 capacity = (
                     capacity.to(device=pre.device, dtype=torch.float64)

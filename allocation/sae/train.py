@@ -522,7 +522,7 @@ class Trainer:
             raise TrainingDivergedError(self._diverged_message("the gradient norm", float(grad_norm)))
         self.optimizer.step()
         self._check_parameters(sae.normalize_decoder())
-        sae.update_thresholds(out.pre.detach(), out.mask, out.code, out.prices)
+        sae.update_thresholds(out.pre.detach(), out.mask, out.code, out.prices, out.frontier)
         self.usage.record(fired, n_tokens)
         # the window adds this rank's rows and loss shares (merged over the ranks when read, merge_window)
         self.window.record(batch, out.x_hat.detach(), out.l0, out.fired, *(float(v) for v in shares), mean=mean)
