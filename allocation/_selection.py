@@ -165,17 +165,23 @@ def top_per_column_blocked(scores: Tensor, counts: Tensor) -> Optional[Tensor]:
     return None if found is None else found[0]
 
 
-def top_per_column_frontier(scores: Tensor, counts: Tensor) -> Optional[tuple[Tensor, Optional[ColumnFrontier]]]:
+def top_per_column_frontier(scores: Tensor, counts: Tensor, reach: Optional[Tensor] = None
+                            ) -> Optional[tuple[Tensor, Optional[ColumnFrontier]]]:
     """``top_per_column_blocked``'s mask and the candidates it chose from (None if all counts are 0).
 
     The thresholds are for counts[j] + 1 entries, so that the candidates reach one entry past the
     chosen ones: the frontier prices the selection (``ColumnFrontier``) without another pass.
+    ``reach`` (F,): a column's floor is lowered to reach[j] where that costs few more blocks
+    (``_reach_down``), so that counts above reach[j] come from the frontier too.
     """
     n_features = scores.shape[1]
     if int(counts.max()) == 0:
         return torch.zeros_like(scores, dtype=torch.bool), None
     fine = row_block_max(scores, ROWS_PER_BLOCK, reuse=True)  # (n_blocks, F)
-    threshold = _at_least_positive(_column_thresholds(fine, counts + 1))  # (F,): >= counts[j] + 1 entries >= T_j
+    threshold = _column_thresholds(fine, counts + 1)  # (F,): >= counts[j] + 1 entries >= T_j
+    if reach is not None:
+        threshold = _reach_down(fine, threshold, reach.to(device=fine.device, dtype=fine.dtype))
+    threshold = _at_least_positive(threshold)
     blocks, columns = (fine >= threshold).nonzero().unbind(1)  # blocks that can hold a chosen entry
     if blocks.numel() * ROWS_PER_BLOCK > MAX_GATHER_FRACTION * scores.numel():
         return None
@@ -194,6 +200,19 @@ def top_per_column_frontier(scores: Tensor, counts: Tensor) -> Optional[tuple[Te
     if chosen is None:
         return None
     return _mask_from(scores, index[chosen]), ColumnFrontier(index, values, columns, chosen, floor)
+
+
+REACH_BLOCKS_FACTOR = 2
+"""``_reach_down`` lowers a column's threshold when its candidate blocks at most double (plus 2)."""
+
+
+def _reach_down(fine: Tensor, threshold: Tensor, reach: Tensor) -> Tensor:
+    """min(threshold_j, reach_j) per column, where that takes at most REACH_BLOCKS_FACTOR times the
+    column's candidate blocks (plus 2); threshold_j elsewhere (a low reach would gather the column)."""
+    lowered = torch.minimum(threshold, reach)
+    own = (fine >= threshold).sum(dim=0, dtype=torch.int32)
+    wider = (fine >= lowered).sum(dim=0, dtype=torch.int32)
+    return torch.where(wider <= REACH_BLOCKS_FACTOR * own + 2, lowered, threshold)
 
 
 def kth_largest(values: Tensor, counts: Tensor) -> Tensor:

@@ -39,11 +39,15 @@ def select_top(scores: Tensor, count: Union[int, Tensor], dim: Optional[int]) ->
     return _selection.select_top_plain(scores, count, dim)
 
 
-def select_per_column(scores: Tensor, count: Union[int, Tensor]) -> tuple[Tensor, Optional[_selection.ColumnFrontier]]:
-    """``select_top(scores, count, dim=0)`` and, where the blocked path chose, the candidates it chose from."""
+def select_per_column(scores: Tensor, count: Union[int, Tensor], reach: Optional[Tensor] = None
+                      ) -> tuple[Tensor, Optional[_selection.ColumnFrontier]]:
+    """``select_top(scores, count, dim=0)`` and, where the blocked path chose, the candidates it chose from.
+
+    ``reach`` (F,): list the entries above it too where that is cheap (``_selection.top_per_column_frontier``).
+    """
     if _selection.blocked_pays(scores.numel(), 0):
         found = _selection.top_per_column_frontier(
-            scores.detach().contiguous(), _selection.count_vector(count, scores.shape[1], scores.device))
+            scores.detach().contiguous(), _selection.count_vector(count, scores.shape[1], scores.device), reach)
         if found is not None:
             return found
     return _selection.select_top_plain(scores, count, 0), None

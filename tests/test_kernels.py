@@ -100,18 +100,26 @@ def test_per_column_frontier_prices_the_selection_it_came_from(data, scores, row
     """The frontier lists exactly the entries >= floor_j of each column j (positive ones), at least
     count_j + 1 of them or all the positive ones (floor 0), with the selection's choices; so its
     largest unchosen entry is the column's largest dropped score clipped at 0, and its counts above a
-    threshold at or above the floor are exact (thresholds tied with the scores, and 0)."""
+    threshold at or above the floor are exact (thresholds tied with the scores, and 0). A ``reach``
+    lowers floors to it (where cheap) and changes none of this."""
     n_tokens, n_features = scores.shape
     count = data.draw(column_counts(n_features))
     counts = _selection.count_vector(count, n_features, scores.device)
+    row = data.draw(st.integers(0, n_tokens - 1), label="threshold row")
+    reach = data.draw(st.sampled_from([None, scores[row], scores[row].clamp_min(0) / 2]), label="reach")
     with blocked_everywhere(rows_per_block):
-        found = _selection.top_per_column_frontier(scores, counts)
+        found = _selection.top_per_column_frontier(scores, counts, reach)
+        unreached = _selection.top_per_column_frontier(scores, counts)
     assert found is not None
     mask, frontier = found
     assert_exact(scores, mask, count, 0)
     if frontier is None:
         assert int(counts.max()) == 0
         return
+    if reach is not None:  # a reach only ever lowers a floor, to the reach itself
+        lowered = frontier.floor != unreached[1].floor
+        assert bool((frontier.floor <= unreached[1].floor).all())
+        assert torch.equal(frontier.floor[lowered], torch.where(reach[lowered] > 0, reach[lowered], 0))
     listed = torch.zeros_like(mask)
     listed.view(-1)[frontier.index] = True
     assert torch.equal(listed, (scores >= frontier.floor) & (scores > 0))
@@ -123,7 +131,6 @@ def test_per_column_frontier_prices_the_selection_it_came_from(data, scores, row
     assert bool(((listed.sum(0) >= counts.clamp(max=n_tokens) + 1) | (frontier.floor == 0)).all())
     dropped = torch.where(mask, float("-inf"), scores).amax(dim=0).clamp_min(0)
     assert torch.equal(frontier.largest_unchosen(), dropped)
-    row = data.draw(st.integers(0, n_tokens - 1), label="threshold row")
     for threshold in (scores[row], scores[row].clamp_min(0), torch.zeros_like(scores[row])):
         above, exact = frontier.count_above(threshold)
         assert torch.equal(exact, threshold >= frontier.floor)

@@ -291,8 +291,9 @@ def test_pricing_from_the_selection_frontier_equals_pricing_from_the_mask(data, 
     rows_per_block = data.draw(st.sampled_from([1, 2, 8]), label="rows per block")
     # batches whose prices fall below and above the running thresholds (which are then below some floors)
     for batch in (pre, 0.5 * pre, 2 * pre, pre.flip(0) - 1, pre):
+        reach = from_frontier.thresholds.count_point(batch.dtype, batch.device)
         with blocked_everywhere(rows_per_block):
-            selection = thresholds.select(batch, from_frontier.constraints(n_tokens), "feature")
+            selection = thresholds.select(batch, from_frontier.constraints(n_tokens), "feature", reach=reach)
         code = SparseCode.from_mask(batch, selection.mask)
         assert torch.equal(from_frontier.batch_threshold(batch, selection.mask, code, frontier=selection.frontier),
                            from_mask.batch_threshold(batch, selection.mask, code))
@@ -303,10 +304,16 @@ def test_pricing_from_the_selection_frontier_equals_pricing_from_the_mask(data, 
 
 
 def test_feature_choice_training_prices_from_its_frontier_at_training_sizes():
-    """At a training batch the blocked path runs by default and its frontier reaches the update."""
+    """At a training batch the blocked path runs by default, its frontier reaches the update, and
+    after the first updates it covers the count correction's thresholds in (nearly) every column."""
     sae = SparseAutoencoder(32, 4096, FeatureChoice(k=8))
-    out = sae(_data(256, d=32) * 3)
-    assert out.frontier is not None and int(out.frontier.chosen.sum()) == int(out.mask.sum())
+    for seed in range(4):
+        out = sae(_data(256, d=32, seed=seed) * 3)
+        assert out.frontier is not None and int(out.frontier.chosen.sum()) == int(out.mask.sum())
+        sae.update_thresholds(out.pre, out.mask, out.code, frontier=out.frontier)
+    frontier = sae(_data(256, d=32, seed=9) * 3).frontier
+    covered = sae.thresholds.count_point(out.pre.dtype, out.pre.device) >= frontier.floor
+    assert float(covered.double().mean()) > 0.9
 
 
 @settings(max_examples=60)

@@ -60,16 +60,19 @@ class Selection:
     frontier: Optional[ColumnFrontier] = None
 
 
-def select(pre: Tensor, constraints: Constraints, kind: str, scope: BatchScope = LOCAL) -> Selection:
+def select(pre: Tensor, constraints: Constraints, kind: str, scope: BatchScope = LOCAL,
+           reach: Optional[Tensor] = None) -> Selection:
     """The exact training mask (scores already checked finite); the auction returns its prices with it.
 
     ``scope``: the batch ``constraints`` are for (``allocation.sae.distributed``; this process's rows by default).
+    ``reach``: for per-feature caps, the thresholds the count correction will count at
+    (``ThresholdEstimator.count_point``), which the frontier then covers where that is cheap.
     """
     if kind == "auction":
         solution, rows = scope.solve_mixed(pre, constraints)
         return Selection(solution.mask if rows is None else rows, solution.feature_prices + solution.budget_price)
     if kind == "feature" and constraints.total is None and not scope.is_global:
-        mask, frontier = select_per_column(pre, _as_count(constraints.resolve(*pre.shape).per_feature))
+        mask, frontier = select_per_column(pre, _as_count(constraints.resolve(*pre.shape).per_feature), reach)
         return Selection(mask, frontier=frontier)
     return Selection(scope.allocate(pre, constraints))
 
@@ -137,6 +140,12 @@ class ThresholdEstimator(nn.Module):
             return torch.zeros(self.n_features, dtype=dtype, device=device)
         return (self.sum / self.weight + self.offset).clamp_min(0).to(dtype)
 
+    def count_point(self, dtype: torch.dtype, device: torch.device) -> Optional[Tensor]:
+        """The thresholds a + c' (F,) at which the next ``update`` counts, or None if it will not count."""
+        if not (float(self.weight) > 0.0 and self.correction > 0.0):
+            return None
+        return (self.sum / self.weight + self.iterate).clamp_min(0).to(device=device, dtype=dtype)
+
     @torch.no_grad()
     def set(self, thresholds: Tensor) -> None:
         """Replace the running estimate by ``thresholds`` (F,) (e.g. calibrated ones)."""
@@ -169,9 +178,9 @@ class ThresholdEstimator(nn.Module):
         each rank priced its own rows. ``frontier``: the training selection's (``Selection.frontier``),
         which holds the 'feature' counts of most columns.
         """
-        if self.weight > 0.0 and self.correction > 0.0 and kind != "none":
+        current = self.count_point(pre.dtype, pre.device)
+        if current is not None and kind != "none":
             average = self.sum / self.weight
-            current = (average + self.iterate).clamp_min(0).to(pre.dtype)
             if kind == "auction":
                 if kept_per_feature is None:
                     raise AllocationError("auction thresholds need kept_per_feature, the training mask's column counts")
