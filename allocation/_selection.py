@@ -104,40 +104,61 @@ def select_top_blocked(scores: Tensor, count: Count, dim: Optional[int]) -> Opti
 
 def top_overall_blocked(scores: Tensor, total: int) -> Optional[Tensor]:
     """Mutual Choice: max <S, M> s.t. sum(M) <= total, via the total-th largest block maximum."""
+    found = top_overall_frontier(scores, total)
+    return None if found is None else found[0]
+
+
+def top_overall_frontier(scores: Tensor, total: int, reach: Optional[Tensor] = None
+                         ) -> Optional[tuple[Tensor, Optional["ColumnFrontier"]]]:
+    """``top_overall_blocked``'s mask and the candidates it chose from (None where it chose from none).
+
+    The threshold is for total + 1 entries, so that the candidates reach one entry past the chosen
+    ones; one floor for every column. ``reach`` (a scalar): the floor is lowered to it where that
+    costs few more blocks (``_reach_down``), so that counts above it come from the frontier too.
+    """
     n_features = scores.shape[1]
     if total <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
+        return torch.zeros_like(scores, dtype=torch.bool), None
     if total >= scores.numel():
-        return scores > 0
+        return scores > 0, None
     fine = row_block_max(scores, ROWS_PER_BLOCK, reuse=True)  # (n_blocks, F)
-    if fine.numel() < total:
+    if fine.numel() <= total:
         return None
-    wanted = _one(total, scores)
+    wanted, reaching = _one(total, scores), _one(total + 1, scores)
     coarse_rows = -(-2 * total // n_features)  # the coarse level keeps >= 2 * total maxima
     coarse = row_block_max(fine, max(1, fine.shape[0] // coarse_rows)).reshape(1, -1)
-    threshold = _at_least_positive(kth_largest(coarse, wanted))
+    threshold = _at_least_positive(kth_largest(coarse, reaching))
     blocks, columns = (fine >= threshold).nonzero().unbind(1)
-    if blocks.numel() > total:  # refine: the total-th largest maximum among the candidate blocks
+    if blocks.numel() > total + 1:  # refine: the (total + 1)-th largest maximum among the candidate blocks
         block_max = fine[blocks, columns]
-        threshold = _at_least_positive(kth_largest(block_max[None], wanted))
+        threshold = _at_least_positive(kth_largest(block_max[None], reaching))
         keep = (block_max >= threshold[0]).nonzero().squeeze(1)
         blocks, columns = blocks[keep], columns[keep]
-    if blocks.numel() * ROWS_PER_BLOCK > MAX_GATHER_FRACTION * scores.numel():
+    if reach is not None:
+        reached, n_blocks = _reach_down(fine.reshape(-1, 1), threshold.reshape(1), reach.reshape(1))
+        if bool(reached < threshold) and _gather_pays(n_blocks, scores):
+            threshold = reached
+            blocks, columns = (fine >= threshold).nonzero().unbind(1)
+    if not _gather_pays(blocks.numel(), scores):
         return None
     index, values = _gather_cells(scores, blocks, columns)  # (cells, ROWS_PER_BLOCK) flat ids, values
     candidate = (values >= threshold).reshape(-1).nonzero().squeeze(1)
-    chosen = top_in_rows(values.reshape(1, -1)[:, candidate], wanted)[0]
-    return _mask_from(scores, index.reshape(-1)[candidate[chosen]])
+    index, values = index.reshape(-1)[candidate], values.reshape(-1)[candidate]
+    chosen = top_in_rows(values[None], wanted)[0]
+    floor = _floor(threshold.reshape(1)).expand(n_features)
+    return _mask_from(scores, index[chosen]), ColumnFrontier(index, values, index % n_features, chosen, floor)
 
 
 @dataclass(frozen=True)
 class ColumnFrontier:
-    """Every entry of each column j at or above ``floor[j]``, as a per-column selection found them.
+    """Every entry of each column j at or above ``floor[j]``, as a blocked selection found them.
 
     ``index`` (flat indices into the scores), ``values``, ``columns`` and ``chosen`` (kept by the
     selection) list the entries; ``floor`` (F,) is 0 for a column that lists all its positive
-    entries. Each column lists at least count_j + 1 entries or all its positive ones, so the
-    largest entry it does not choose is its largest dropped score wherever that is positive.
+    entries. Per column (``top_per_column_frontier``) each column lists at least count_j + 1 entries
+    or all its positive ones, so the largest entry it does not choose is its largest dropped score
+    wherever that is positive; over the matrix (``top_overall_frontier``, one floor) the same holds
+    of the matrix: the largest unchosen entry of all is its largest dropped score.
     """
 
     index: Tensor
@@ -178,14 +199,15 @@ def top_per_column_frontier(scores: Tensor, counts: Tensor, reach: Optional[Tens
     if int(counts.max()) == 0:
         return torch.zeros_like(scores, dtype=torch.bool), None
     fine = row_block_max(scores, ROWS_PER_BLOCK, reuse=True)  # (n_blocks, F)
-    threshold = _column_thresholds(fine, counts + 1)  # (F,): >= counts[j] + 1 entries >= T_j
+    threshold = _at_least_positive(_column_thresholds(fine, counts + 1))  # (F,): >= counts[j] + 1 entries >= T_j
     if reach is not None:
-        threshold = _reach_down(fine, threshold, reach.to(device=fine.device, dtype=fine.dtype))
-    threshold = _at_least_positive(threshold)
+        reached, n_blocks = _reach_down(fine, threshold, reach)
+        if _gather_pays(n_blocks, scores):
+            threshold = reached
     blocks, columns = (fine >= threshold).nonzero().unbind(1)  # blocks that can hold a chosen entry
-    if blocks.numel() * ROWS_PER_BLOCK > MAX_GATHER_FRACTION * scores.numel():
+    if not _gather_pays(blocks.numel(), scores):
         return None
-    floor = torch.where(threshold == _at_least_positive(threshold.new_zeros(())), 0, threshold)
+    floor = _floor(threshold)
     if blocks.numel() == 0:  # no positive entry anywhere
         empty = torch.zeros(0, dtype=torch.long, device=scores.device)
         return (torch.zeros(scores.shape, dtype=torch.bool, device=scores.device),
@@ -206,13 +228,15 @@ REACH_BLOCKS_FACTOR = 2
 """``_reach_down`` lowers a column's threshold when its candidate blocks at most double (plus 2)."""
 
 
-def _reach_down(fine: Tensor, threshold: Tensor, reach: Tensor) -> Tensor:
-    """min(threshold_j, reach_j) per column, where that takes at most REACH_BLOCKS_FACTOR times the
-    column's candidate blocks (plus 2); threshold_j elsewhere (a low reach would gather the column)."""
-    lowered = torch.minimum(threshold, reach)
+def _reach_down(fine: Tensor, threshold: Tensor, reach: Tensor) -> tuple[Tensor, int]:
+    """Per column of block maxima ``fine``, min(threshold_j, reach_j) (at least positive) where that
+    takes at most REACH_BLOCKS_FACTOR times the column's candidate blocks plus 2, threshold_j elsewhere
+    (a low reach would gather the whole column); and the number of candidate blocks it leaves."""
+    lowered = _at_least_positive(torch.minimum(threshold, reach.to(device=fine.device, dtype=fine.dtype)))
     own = (fine >= threshold).sum(dim=0, dtype=torch.int32)
     wider = (fine >= lowered).sum(dim=0, dtype=torch.int32)
-    return torch.where(wider <= REACH_BLOCKS_FACTOR * own + 2, lowered, threshold)
+    take = wider <= REACH_BLOCKS_FACTOR * own + 2
+    return torch.where(take, lowered, threshold), int(torch.where(take, wider, own).sum())
 
 
 def kth_largest(values: Tensor, counts: Tensor) -> Tensor:
@@ -358,6 +382,17 @@ def _mask_from(scores: Tensor, flat_index: Tensor) -> Tensor:
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     mask.view(-1)[flat_index] = True
     return mask
+
+
+def _gather_pays(n_blocks: int, scores: Tensor) -> bool:
+    """Whether gathering ``n_blocks`` fine blocks stays within MAX_GATHER_FRACTION of the scores."""
+    return n_blocks * ROWS_PER_BLOCK <= MAX_GATHER_FRACTION * scores.numel()
+
+
+def _floor(threshold: Tensor) -> Tensor:
+    """A candidate threshold as a frontier's floor: 0 where it is the smallest positive number (every
+    positive entry is a candidate)."""
+    return torch.where(threshold == _at_least_positive(threshold.new_zeros(())), 0, threshold)
 
 
 def _at_least_positive(threshold: Tensor) -> Tensor:

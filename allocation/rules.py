@@ -53,6 +53,19 @@ def select_per_column(scores: Tensor, count: Union[int, Tensor], reach: Optional
     return _selection.select_top_plain(scores, count, 0), None
 
 
+def select_overall(scores: Tensor, total: int, reach: Optional[Tensor] = None
+                   ) -> tuple[Tensor, Optional[_selection.ColumnFrontier]]:
+    """``select_top(scores, total, dim=None)`` and, where the blocked path chose, the candidates it chose from.
+
+    ``reach`` (a scalar): list the entries above it too where that is cheap (``_selection.top_overall_frontier``).
+    """
+    if _selection.blocked_pays(scores.numel(), None):
+        found = _selection.top_overall_frontier(scores.detach().contiguous(), int(total), reach)
+        if found is not None:
+            return found
+    return _selection.select_top_plain(scores, total, None), None
+
+
 def _cap_for_torch(cap: CapLike, name: str, length: int, axis: str, most: int) -> Union[int, Tensor]:
     """A validated cap (required) as an int, or as an int64 tensor of the right length; caps above
     ``most`` (what the matrix can use) are clipped to it, which changes no mask."""

@@ -71,10 +71,59 @@ def test_overall_blocked_is_exact(scores, total, rows_per_block):
     """Mutual Choice: top-total over the matrix; counts above #positives and n*F included."""
     with blocked_everywhere(rows_per_block):
         mask = _selection.top_overall_blocked(scores, total)
-    if mask is None:  # only when there are fewer blocks than the budget
-        assert -(-scores.shape[0] // rows_per_block) * scores.shape[1] < total < scores.numel()
+    if mask is None:  # only when there are no more blocks than the budget
+        assert -(-scores.shape[0] // rows_per_block) * scores.shape[1] <= total < scores.numel()
         return
     assert_exact(scores, mask, total, None)
+
+
+def assert_frontier_lists(scores: torch.Tensor, mask: torch.Tensor, frontier) -> torch.Tensor:
+    """The frontier lists exactly the positive entries >= its floor, each once, with the selection's
+    choices and every chosen entry; returns the listed entries as a mask."""
+    listed = torch.zeros_like(mask)
+    listed.view(-1)[frontier.index] = True
+    assert torch.equal(listed, (scores >= frontier.floor) & (scores > 0))
+    assert frontier.index.numel() == int(listed.sum())  # each entry listed once
+    assert torch.equal(frontier.values, scores.reshape(-1)[frontier.index])
+    assert torch.equal(frontier.columns, frontier.index % scores.shape[1])
+    assert torch.equal(frontier.chosen, mask.reshape(-1)[frontier.index])
+    assert int(frontier.chosen.sum()) == int(mask.sum())  # every chosen entry is listed
+    return listed
+
+
+@given(score_tensors(), st.sampled_from([1, 2, 3, 8]), st.data())
+def test_overall_frontier_prices_the_selection_it_came_from(scores, rows_per_block, data):
+    """Mutual Choice's frontier (one floor): at least total + 1 entries or all the positive ones, so
+    its largest unchosen entry is the matrix's largest dropped score clipped at 0, and counts above a
+    threshold at or above the floor are exact. A ``reach`` only lowers the floor, to the reach."""
+    flat = scores.reshape(-1)
+    total = data.draw(st.integers(0, flat.numel() + 1), label="total")
+    reach = data.draw(st.sampled_from([None, flat[data.draw(st.integers(0, flat.numel() - 1), label="entry")],
+                                       flat.new_zeros(())]), label="reach")
+    with blocked_everywhere(rows_per_block):
+        found = _selection.top_overall_frontier(scores, total, reach)
+        unreached = _selection.top_overall_frontier(scores, total)
+    if found is None:  # only when there are no more blocks than the budget
+        assert -(-scores.shape[0] // rows_per_block) * scores.shape[1] <= total < scores.numel()
+        return
+    mask, frontier = found
+    assert_exact(scores, mask, total, None)
+    if frontier is None:
+        assert total <= 0 or total >= scores.numel()
+        return
+    assert bool((frontier.floor == frontier.floor[0]).all())
+    listed = assert_frontier_lists(scores, mask, frontier)
+    assert int(listed.sum()) >= total + 1 or float(frontier.floor[0]) == 0
+    dropped = torch.where(mask, float("-inf"), scores).max().clamp_min(0)
+    assert torch.equal(frontier.largest_unchosen().max(), dropped)
+    if reach is not None:
+        floor, before = frontier.floor[0], unreached[1].floor[0]
+        assert floor <= before and (floor == before or floor == reach.clamp_min(0))
+    for value in (flat[data.draw(st.integers(0, flat.numel() - 1), label="threshold entry")], flat.new_zeros(())):
+        threshold = value.expand(scores.shape[1])
+        above, exact = frontier.count_above(threshold)
+        assert torch.equal(exact, threshold >= frontier.floor)
+        assert torch.equal(above[exact], (scores > threshold).sum(0).double()[exact])
 
 
 @st.composite
@@ -120,14 +169,7 @@ def test_per_column_frontier_prices_the_selection_it_came_from(data, scores, row
         lowered = frontier.floor != unreached[1].floor
         assert bool((frontier.floor <= unreached[1].floor).all())
         assert torch.equal(frontier.floor[lowered], torch.where(reach[lowered] > 0, reach[lowered], 0))
-    listed = torch.zeros_like(mask)
-    listed.view(-1)[frontier.index] = True
-    assert torch.equal(listed, (scores >= frontier.floor) & (scores > 0))
-    assert frontier.index.numel() == int(listed.sum())  # each entry listed once
-    assert torch.equal(frontier.values, scores.reshape(-1)[frontier.index])
-    assert torch.equal(frontier.columns, frontier.index % n_features)
-    assert torch.equal(frontier.chosen, mask.reshape(-1)[frontier.index])
-    assert int(frontier.chosen.sum()) == int(mask.sum())  # every chosen entry is listed
+    listed = assert_frontier_lists(scores, mask, frontier)
     assert bool(((listed.sum(0) >= counts.clamp(max=n_tokens) + 1) | (frontier.floor == 0)).all())
     dropped = torch.where(mask, float("-inf"), scores).amax(dim=0).clamp_min(0)
     assert torch.equal(frontier.largest_unchosen(), dropped)

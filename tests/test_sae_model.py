@@ -278,10 +278,11 @@ def test_batch_prices_from_the_sparse_code_match_their_definition(data, pre):
 @settings(max_examples=80)
 @given(data=st.data(), pre=score_matrices(max_tokens=40, max_features=12))
 def test_pricing_from_the_selection_frontier_equals_pricing_from_the_mask(data, pre):
-    """Feature Choice's blocked selection hands its frontier to pricing: the batch prices and the
-    count-corrected threshold updates equal those computed from the mask and the whole matrix."""
+    """Feature and Mutual Choice's blocked selections hand their frontier to pricing: the batch prices
+    and the count-corrected threshold updates equal those computed from the mask and the whole matrix."""
     n_tokens, n_features = pre.shape
     rule = data.draw(st.sampled_from([
+        MutualChoice(data.draw(st.integers(1, n_features), label="budget k")),
         FeatureChoice(k=data.draw(st.integers(1, n_features), label="k")),
         FeatureChoice(m=data.draw(st.integers(1, n_tokens + 1), label="m")),
         FeatureChoice(capacities=data.draw(st.lists(st.integers(0, n_tokens + 1), min_size=n_features,
@@ -293,7 +294,8 @@ def test_pricing_from_the_selection_frontier_equals_pricing_from_the_mask(data, 
     for batch in (pre, 0.5 * pre, 2 * pre, pre.flip(0) - 1, pre):
         reach = from_frontier.thresholds.count_point(batch.dtype, batch.device)
         with blocked_everywhere(rows_per_block):
-            selection = thresholds.select(batch, from_frontier.constraints(n_tokens), "feature", reach=reach)
+            selection = thresholds.select(batch, from_frontier.constraints(n_tokens), from_frontier.pricing,
+                                          reach=reach)
         code = SparseCode.from_mask(batch, selection.mask)
         assert torch.equal(from_frontier.batch_threshold(batch, selection.mask, code, frontier=selection.frontier),
                            from_mask.batch_threshold(batch, selection.mask, code))
@@ -303,10 +305,11 @@ def test_pricing_from_the_selection_frontier_equals_pricing_from_the_mask(data, 
             assert torch.equal(from_frontier.thresholds.state_dict()[name], buffer), name
 
 
-def test_feature_choice_training_prices_from_its_frontier_at_training_sizes():
+@pytest.mark.parametrize("rule", [FeatureChoice(k=8), MutualChoice(8)], ids=lambda r: r.name)
+def test_batch_rules_price_from_their_frontier_at_training_sizes(rule):
     """At a training batch the blocked path runs by default, its frontier reaches the update, and
     after the first updates it covers the count correction's thresholds in (nearly) every column."""
-    sae = SparseAutoencoder(32, 4096, FeatureChoice(k=8))
+    sae = SparseAutoencoder(32, 4096, rule)
     for seed in range(4):
         out = sae(_data(256, d=32, seed=seed) * 3)
         assert out.frontier is not None and int(out.frontier.chosen.sum()) == int(out.mask.sum())

@@ -309,7 +309,8 @@ class SparseAutoencoder(nn.Module):
             )
         if self.training:
             constraints = self.constraints(self.scope.n_tokens(pre.shape[0]))
-            reach = self.thresholds.count_point(pre.dtype, pre.device) if self.pricing == "feature" else None
+            counted = self.pricing in ("feature", "budget")  # the frontier's floor reaches the count correction's
+            reach = self.thresholds.count_point(pre.dtype, pre.device) if counted else None
             return thresholds.select(pre, constraints, self.pricing, self.scope, reach)
         constraints = self.constraints(pre.shape[0])
         return thresholds.Selection(thresholds.eval_select(pre, constraints, self.pricing, self.threshold))

@@ -41,16 +41,22 @@ def largest_dropped_per_column(pre: Tensor, mask: Tensor) -> Tensor:
     return largest
 
 
-def budget_price(pre: Tensor, mask: Tensor, kept_values: Tensor, budget: int, scope: BatchScope = LOCAL) -> Tensor:
+def budget_price(pre: Tensor, mask: Tensor, kept_values: Tensor, budget: int, scope: BatchScope = LOCAL,
+                 frontier: Optional[ColumnFrontier] = None) -> Tensor:
     """Scalar price of a total budget: midpoint of the smallest kept and largest dropped score (0 if slack).
 
     ``scope``: the batch the budget is over (the smallest, largest and count reduced over its ranks).
+    ``frontier``: the selection's of ``mask``, which holds the largest dropped score (clipped at 0).
     """
     n_kept = int(scope.sum(torch.tensor(kept_values.numel(), device=pre.device)))
     if n_kept == 0 or n_kept < budget:
         return pre.new_zeros(())
     smallest = scope.min(_smallest(kept_values, pre))
-    largest_dropped = scope.max(largest_dropped_per_column(pre, mask).max() if pre.shape[0] else _minus_inf(pre))
+    if frontier is not None:
+        dropped = frontier.largest_unchosen().max()
+    else:
+        dropped = largest_dropped_per_column(pre, mask).max() if pre.shape[0] else _minus_inf(pre)
+    largest_dropped = scope.max(dropped)
     return (smallest + largest_dropped.clamp_min(0)) / 2
 
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .._selection import ColumnFrontier
 from ..constraints import Constraints
 from ..errors import AllocationError
-from ..rules import _as_count, allocate_unchecked, select_per_column, select_top
+from ..rules import _as_count, allocate_unchecked, select_overall, select_per_column, select_top
 from .distributed import LOCAL, BatchScope
 from .prices import budget_price, count_above_per_column, feature_prices
 
@@ -52,7 +52,8 @@ class Selection:
     """A batch's training mask, with what prices it without another pass over the scores.
 
     ``prices``: 'auction' pricing's certified eval prices b_j + lambda (F,). ``frontier``: for
-    per-feature caps alone, the candidates the blocked selection chose from (None where it did not run).
+    per-feature caps or a budget alone, the candidates the blocked selection chose from (None where
+    it did not run).
     """
 
     mask: Tensor
@@ -65,14 +66,17 @@ def select(pre: Tensor, constraints: Constraints, kind: str, scope: BatchScope =
     """The exact training mask (scores already checked finite); the auction returns its prices with it.
 
     ``scope``: the batch ``constraints`` are for (``allocation.sae.distributed``; this process's rows by default).
-    ``reach``: for per-feature caps, the thresholds the count correction will count at
-    (``ThresholdEstimator.count_point``), which the frontier then covers where that is cheap.
+    ``reach``: for per-feature caps or a budget alone, the thresholds the count correction will count
+    at (``ThresholdEstimator.count_point``), which the frontier then covers where that is cheap.
     """
     if kind == "auction":
         solution, rows = scope.solve_mixed(pre, constraints)
         return Selection(solution.mask if rows is None else rows, solution.feature_prices + solution.budget_price)
     if kind == "feature" and constraints.total is None and not scope.is_global:
         mask, frontier = select_per_column(pre, _as_count(constraints.resolve(*pre.shape).per_feature), reach)
+        return Selection(mask, frontier=frontier)
+    if kind == "budget" and not scope.is_global:
+        mask, frontier = select_overall(pre, constraints.resolve(*pre.shape).total, None if reach is None else reach[0])
         return Selection(mask, frontier=frontier)
     return Selection(scope.allocate(pre, constraints))
 
@@ -93,14 +97,14 @@ def batch_prices(pre: Tensor, mask: Tensor, feature_index: Tensor, kept_values: 
     """This batch's dual prices (F,) under ``kind`` pricing, or None ('none').
 
     'budget': ``budget_price``; 'feature': ``feature_prices`` (with the budget's tightness when there
-    is one; ``frontier``: ``Selection.frontier`` of ``mask``, when it has one); 'auction':
-    ``auction_prices`` (solved here by ``solve_mixed`` when not given).
+    is one); 'auction': ``auction_prices`` (solved here by ``solve_mixed`` when not given).
+    ``frontier``: ``Selection.frontier`` of ``mask``, when it has one.
     """
     n_features = pre.shape[1]
     if kind == "none":
         return None
     if kind == "budget":
-        return budget_price(pre, mask, kept_values, constraints.total, scope).expand(n_features).clone()
+        return budget_price(pre, mask, kept_values, constraints.total, scope, frontier).expand(n_features).clone()
     if kind == "feature":
         return feature_prices(pre, mask, feature_index, kept_values, _raw_capacity(constraints),
                               budget=constraints.total, scope=scope, frontier=frontier)
@@ -176,7 +180,7 @@ class ThresholdEstimator(nn.Module):
         it); the correction drives the expected count at the eval threshold to the training one.
         ``scope``: counts are over its batch, and the four buffers are made the ranks' average where
         each rank priced its own rows. ``frontier``: the training selection's (``Selection.frontier``),
-        which holds the 'feature' counts of most columns.
+        which holds the 'feature' and 'budget' counts of most columns.
         """
         current = self.count_point(pre.dtype, pre.device)
         if current is not None and kind != "none":
@@ -190,7 +194,7 @@ class ThresholdEstimator(nn.Module):
                 # would drive E[(count - kept) / kept] to 0 instead of E[count - kept]
                 error = (above - kept) / max(float(kept.mean()), 1.0)
             elif kind == "budget":
-                above = scope.sum(count_above_per_column(pre, current[0]).sum())
+                above = scope.sum(count_above_per_column(pre, current, frontier).sum())
                 capacity = float(constraints.total)
                 error = torch.full_like(average, (float(above) - capacity) / max(capacity, 1.0))
             else:
