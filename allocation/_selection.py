@@ -104,17 +104,18 @@ def select_top_blocked(scores: Tensor, count: Count, dim: Optional[int]) -> Opti
 
 def top_overall_blocked(scores: Tensor, total: int) -> Optional[Tensor]:
     """Mutual Choice: max <S, M> s.t. sum(M) <= total, via the total-th largest block maximum."""
-    found = top_overall_frontier(scores, total)
+    found = top_overall_frontier(scores, total, priced=False)
     return None if found is None else found[0]
 
 
-def top_overall_frontier(scores: Tensor, total: int, reach: Optional[Tensor] = None
+def top_overall_frontier(scores: Tensor, total: int, reach: Optional[Tensor] = None, priced: bool = True
                          ) -> Optional[tuple[Tensor, Optional["ColumnFrontier"]]]:
     """``top_overall_blocked``'s mask and the candidates it chose from (None where it chose from none).
 
-    The threshold is for total + 1 entries, so that the candidates reach one entry past the chosen
-    ones; one floor for every column. ``reach`` (a scalar): the floor is lowered to it where that
-    costs few more blocks (``_reach_down``), so that counts above it come from the frontier too.
+    ``priced``: the threshold is for total + 1 entries, so that the candidates reach one entry past
+    the chosen ones (one floor for every column); else for total (the mask alone, no frontier).
+    ``reach`` (a scalar): the floor is lowered to it where that costs few more blocks
+    (``_reach_down``), so that counts above it come from the frontier too.
     """
     n_features = scores.shape[1]
     if total <= 0:
@@ -122,14 +123,15 @@ def top_overall_frontier(scores: Tensor, total: int, reach: Optional[Tensor] = N
     if total >= scores.numel():
         return scores > 0, None
     fine = row_block_max(scores, ROWS_PER_BLOCK, reuse=True)  # (n_blocks, F)
-    if fine.numel() <= total:
+    reaching_total = total + int(priced)
+    if fine.numel() < reaching_total:
         return None
-    wanted, reaching = _one(total, scores), _one(total + 1, scores)
+    wanted, reaching = _one(total, scores), _one(reaching_total, scores)
     coarse_rows = -(-2 * total // n_features)  # the coarse level keeps >= 2 * total maxima
     coarse = row_block_max(fine, max(1, fine.shape[0] // coarse_rows)).reshape(1, -1)
     threshold = _at_least_positive(kth_largest(coarse, reaching))
     blocks, columns = (fine >= threshold).nonzero().unbind(1)
-    if blocks.numel() > total + 1:  # refine: the (total + 1)-th largest maximum among the candidate blocks
+    if blocks.numel() > reaching_total:  # refine: the reaching_total-th largest maximum among candidate blocks
         block_max = fine[blocks, columns]
         threshold = _at_least_positive(kth_largest(block_max[None], reaching))
         keep = (block_max >= threshold[0]).nonzero().squeeze(1)
@@ -145,8 +147,11 @@ def top_overall_frontier(scores: Tensor, total: int, reach: Optional[Tensor] = N
     candidate = (values >= threshold).reshape(-1).nonzero().squeeze(1)
     index, values = index.reshape(-1)[candidate], values.reshape(-1)[candidate]
     chosen = top_in_rows(values[None], wanted)[0]
+    mask = _mask_from(scores, index[chosen])
+    if not priced:
+        return mask, None
     floor = _floor(threshold.reshape(1)).expand(n_features)
-    return _mask_from(scores, index[chosen]), ColumnFrontier(index, values, index % n_features, chosen, floor)
+    return mask, ColumnFrontier(index, values, index % n_features, chosen, floor)
 
 
 @dataclass(frozen=True)
@@ -182,16 +187,17 @@ class ColumnFrontier:
 
 def top_per_column_blocked(scores: Tensor, counts: Tensor) -> Optional[Tensor]:
     """Feature Choice: max <S, M> s.t. M^T 1 <= counts, via per-column thresholds on block maxima."""
-    found = top_per_column_frontier(scores, counts)
+    found = top_per_column_frontier(scores, counts, priced=False)
     return None if found is None else found[0]
 
 
-def top_per_column_frontier(scores: Tensor, counts: Tensor, reach: Optional[Tensor] = None
+def top_per_column_frontier(scores: Tensor, counts: Tensor, reach: Optional[Tensor] = None, priced: bool = True
                             ) -> Optional[tuple[Tensor, Optional[ColumnFrontier]]]:
     """``top_per_column_blocked``'s mask and the candidates it chose from (None if all counts are 0).
 
-    The thresholds are for counts[j] + 1 entries, so that the candidates reach one entry past the
-    chosen ones: the frontier prices the selection (``ColumnFrontier``) without another pass.
+    ``priced``: the thresholds are for counts[j] + 1 entries, so that the candidates reach one entry
+    past the chosen ones: the frontier prices the selection (``ColumnFrontier``) without another
+    pass; else for counts[j] (the mask alone, no frontier).
     ``reach`` (F,): a column's floor is lowered to reach[j] where that costs few more blocks
     (``_reach_down``), so that counts above reach[j] come from the frontier too.
     """
@@ -199,7 +205,7 @@ def top_per_column_frontier(scores: Tensor, counts: Tensor, reach: Optional[Tens
     if int(counts.max()) == 0:
         return torch.zeros_like(scores, dtype=torch.bool), None
     fine = row_block_max(scores, ROWS_PER_BLOCK, reuse=True)  # (n_blocks, F)
-    threshold = _at_least_positive(_column_thresholds(fine, counts + 1))  # (F,): >= counts[j] + 1 entries >= T_j
+    threshold = _at_least_positive(_column_thresholds(fine, counts + int(priced)))  # >= that many entries >= T_j
     if reach is not None:
         reached, n_blocks = _reach_down(fine, threshold, reach)
         if _gather_pays(n_blocks, scores):
@@ -221,7 +227,8 @@ def top_per_column_frontier(scores: Tensor, counts: Tensor, reach: Optional[Tens
     chosen = _top_per_column(values, columns, counts, n_features, 2 * MAX_GATHER_FRACTION * scores.numel())
     if chosen is None:
         return None
-    return _mask_from(scores, index[chosen]), ColumnFrontier(index, values, columns, chosen, floor)
+    mask = _mask_from(scores, index[chosen])
+    return mask, (ColumnFrontier(index, values, columns, chosen, floor) if priced else None)
 
 
 REACH_BLOCKS_FACTOR = 2

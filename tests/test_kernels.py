@@ -71,8 +71,8 @@ def test_overall_blocked_is_exact(scores, total, rows_per_block):
     """Mutual Choice: top-total over the matrix; counts above #positives and n*F included."""
     with blocked_everywhere(rows_per_block):
         mask = _selection.top_overall_blocked(scores, total)
-    if mask is None:  # only when there are no more blocks than the budget
-        assert -(-scores.shape[0] // rows_per_block) * scores.shape[1] <= total < scores.numel()
+    if mask is None:  # only when there are fewer blocks than the budget
+        assert -(-scores.shape[0] // rows_per_block) * scores.shape[1] < total < scores.numel()
         return
     assert_exact(scores, mask, total, None)
 
