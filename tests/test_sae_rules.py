@@ -184,7 +184,7 @@ def test_zipf_capacities_with_a_floor_are_zipf_water_filled_between_the_floor_an
     without the floor, the floor changes nothing."""
     k = min(k, n_features)
     budget = k * n_tokens
-    caps = FeatureChoice(k=k, zipf_capacities=s, zipf_min_capacity=floor).capacity(n_tokens, n_features)
+    caps = FeatureChoice(k=k, zipf_capacities=s, min_capacity=floor).capacity(n_tokens, n_features)
     plain = FeatureChoice(k=k, zipf_capacities=s).capacity(n_tokens, n_features)
     least = min(floor, budget // n_features)
     assert int(caps.sum()) == budget
@@ -204,15 +204,19 @@ def test_a_capacity_floor_opens_the_zipf_tail_of_a_small_batch():
     """F = 2048, k = 8, n = 512 (the study's setting): s = 1 leaves 864 features with capacity 0, which
     can never fire; a floor of 1 gives every feature a token per batch and keeps the head Zipf-shaped."""
     plain = FeatureChoice(k=8, zipf_capacities=1.0).capacity(512, 2048)
-    floored = FeatureChoice(k=8, zipf_capacities=1.0, zipf_min_capacity=1).capacity(512, 2048)
+    floored = FeatureChoice(k=8, zipf_capacities=1.0, min_capacity=1).capacity(512, 2048)
     assert int((plain == 0).sum()) == 864 and int((floored == 0).sum()) == 0
     assert int(floored.sum()) == int(plain.sum()) == 8 * 512
     head = floored[:50].double()
     assert float((head - head[0] / torch.arange(1, 51)).abs().max()) <= 1.0  # m_j = m_1 / j, rounded
+    config = small_config("feature-choice", zipf_capacities=1.0, min_capacity=1, n_features=512, batch_size=128)
+    rule = Trainer(config, "synthetic").sae.rule  # the TrainConfig field (the --min-capacity flag) reaches the rule
+    assert rule == FeatureChoice(k=config.k, zipf_capacities=1.0, min_capacity=1)
+    assert rule_from_dict(json.loads(json.dumps(rule.to_dict()))) == rule  # as checkpoints save it
     with pytest.raises(AllocationError, match="give zipf_capacities with it"):
-        FeatureChoice(k=8, zipf_min_capacity=1)
-    with pytest.raises(AllocationError, match="zipf_min_capacity must be >= 1"):
-        FeatureChoice(k=8, zipf_capacities=1.0, zipf_min_capacity=0)
+        FeatureChoice(k=8, min_capacity=1)
+    with pytest.raises(AllocationError, match="min_capacity must be >= 1"):
+        FeatureChoice(k=8, zipf_capacities=1.0, min_capacity=0)
 
 
 def test_zipf_feature_choice_trains_and_its_eval_l0_matches_the_budget():

@@ -210,7 +210,7 @@ class FeatureChoice(Rule):
     allow, so the budget matches TopK(k)), ``m`` (the same capacity for every feature), or
     ``capacities`` (one per feature, per batch). ``zipf_capacities=s`` with ``k``: m_j ~ j^-s,
     water-filled under n and rounded by largest remainders to sum to exactly k n.
-    ``zipf_min_capacity=c`` with ``zipf_capacities``: every m_j is at least min(c, floor(k n / F)) (the
+    ``min_capacity=c`` with ``zipf_capacities``: every m_j is at least min(c, floor(k n / F)) (the
     Zipf shape above that floor), so that no tail feature gets capacity 0 where k n / F >= c; without
     it, at s = 1 a tail feature's share of a small batch rounds to 0 and it can never fire.
     """
@@ -219,7 +219,7 @@ class FeatureChoice(Rule):
     m: Optional[int] = None
     capacities: Optional[Sequence[int]] = None
     zipf_capacities: Optional[float] = None
-    zipf_min_capacity: Optional[int] = None
+    min_capacity: Optional[int] = None
     name: ClassVar[str] = "feature-choice"
 
     def __post_init__(self) -> None:
@@ -247,11 +247,11 @@ class FeatureChoice(Rule):
             if self.k is None:
                 raise AllocationError("zipf_capacities shapes the budget k n: give k with it, not m or capacities")
             object.__setattr__(self, "zipf_capacities", float(s))
-        if self.zipf_min_capacity is not None:
+        if self.min_capacity is not None:
             if self.zipf_capacities is None:
-                raise AllocationError("zipf_min_capacity is a floor under Zipf capacities: "
+                raise AllocationError("min_capacity is a floor under Zipf capacities: "
                                       "give zipf_capacities with it")
-            object.__setattr__(self, "zipf_min_capacity", positive_int(self.zipf_min_capacity, "zipf_min_capacity"))
+            object.__setattr__(self, "min_capacity", positive_int(self.min_capacity, "min_capacity"))
 
     def validate(self, n_features: int) -> None:
         _k_within(self.k, n_features)
@@ -269,7 +269,7 @@ class FeatureChoice(Rule):
         """
         if self.k is not None and self.zipf_capacities is not None:
             return _zipf_capacities(n_tokens, n_features, self.k * n_tokens, self.zipf_capacities,
-                                    self.zipf_min_capacity or 0).clone()
+                                    self.min_capacity or 0).clone()
         if self.k is not None:
             base, extra = divmod(self.k * n_tokens, n_features)
             if extra == 0:

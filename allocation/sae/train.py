@@ -116,7 +116,7 @@ def option(default: Any = None, help: str = "", *, factory: Optional[Callable[[]
     return field(default=default, metadata=metadata)
 
 
-RULE_OPTION_FIELDS = ("zipf_capacities", "zipf_min_capacity", "per_token", "per_feature", "total")
+RULE_OPTION_FIELDS = ("zipf_capacities", "min_capacity", "per_token", "per_feature", "total")
 """TrainConfig fields that are options of the rule itself (passed to make_rule when set)."""
 
 
@@ -131,7 +131,7 @@ class TrainConfig:
                     "(feature-choice, mutual-choice; custom without --total)")
     zipf_capacities: Optional[float] = option(
         None, "feature-choice: Zipf-shaped capacities m_j ~ j^-S summing to k n per batch (S >= 0)", metavar="S")
-    zipf_min_capacity: Optional[int] = option(
+    min_capacity: Optional[int] = option(
         None, "feature-choice with --zipf-capacities: every feature's capacity is at least min(C, k n / F) "
         "tokens per batch (default 0: a tail feature's share can round to 0, and it never fires)", metavar="C")
     per_token: Optional[int] = option(None, "custom: at most K features per token", metavar="K")
