@@ -1,6 +1,6 @@
 """Zipf-shaped sizes by water-filling: the one place the package turns j^-s into budgets.
 
-    t_j = min(c w_j, cap),  w_j = j^-s (non-increasing),  c such that sum_j t_j = total
+    t_j = min(max(c w_j, floor), cap),  w_j = j^-s (non-increasing),  c such that sum_j t_j = total
 
 Used for Feature Choice's Zipf capacities (``allocation.sae.rules``), the usage targets of the Zipf
 auxiliary loss (``allocation.sae.losses``) and the benchmark capacities (``allocation.timing``).
@@ -59,12 +59,43 @@ def largest_remainders(real: Tensor, total: int) -> Tensor:
     return base.to(torch.int64)
 
 
-def zipf_capacities(n_tokens: int, n_features: int, budget: int, s: float) -> Tensor:
+def water_fill_between(weights: Tensor, total: float, floor: float, cap: float) -> Tensor:
+    """t_j = min(max(c w_j, floor), cap) summing to ``total`` (float64), floor * len <= total <= cap * len.
+
+    The sum is continuous and non-decreasing in c, so c is found by bisection (to float64 resolution).
+    """
+    weights = weights.to(torch.float64)
+    n = weights.numel()
+    if not floor * n <= total <= cap * n:
+        raise AllocationError(f"total {total} is outside [floor * n, cap * n] = [{floor * n}, {cap * n}]")
+    low, high = 0.0, cap / float(weights.min())
+    for _ in range(200):
+        middle = (low + high) / 2
+        if middle in (low, high):
+            break
+        if float((middle * weights).clamp(floor, cap).sum()) < total:
+            low = middle
+        else:
+            high = middle
+    return (high * weights).clamp(floor, cap)
+
+
+def zipf_capacities(n_tokens: int, n_features: int, budget: int, s: float, floor: int = 0) -> Tensor:
     """Integer capacities m_j ~ j^-s (water-filled under the column size n_tokens) summing to ``budget``.
 
-    ``budget`` must be at most n_tokens * n_features (every column full).
+    ``budget`` must be at most n_tokens * n_features (every column full). ``floor``: no m_j below
+    f = min(floor, budget // n_features) (a small batch cannot give every feature more): the Zipf
+    shape is water-filled between f and n_tokens, m_j = min(max(c j^-s, f), n_tokens), so only the tail
+    that would get less than f is raised to it.
     """
     if not 0 <= budget <= n_tokens * n_features:
         raise AllocationError(f"budget {budget} is outside [0, n_tokens * n_features = {n_tokens * n_features}]")
-    real = water_fill(zipf_weights(n_features, s), float(budget), float(n_tokens))
+    if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
+        raise AllocationError(f"floor must be an integer >= 0, got {floor!r}")
+    least = min(floor, budget // n_features)
+    weights = zipf_weights(n_features, s)
+    if least == 0:
+        real = water_fill(weights, float(budget), float(n_tokens))
+    else:
+        real = water_fill_between(weights, float(budget), float(least), float(n_tokens))
     return largest_remainders(real, budget).clamp_(0, n_tokens)

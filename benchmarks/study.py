@@ -65,6 +65,7 @@ RULES = {  # label -> TrainConfig fields of the rule
     "topk": {"rule": "topk"},
     "feature-choice": {"rule": "feature-choice"},
     "feature-choice-zipf": {"rule": "feature-choice", "zipf_capacities": 1.0},
+    "feature-choice-zipf-floor": {"rule": "feature-choice", "zipf_capacities": 1.0, "min_capacity": 1},
     "mutual-choice": {"rule": "mutual-choice"},
 }
 AUX = ("none", "k", "zipf")

@@ -25,9 +25,9 @@ from allocation.sae.train import FIELDS_BEFORE_0_2  # noqa: E402
 
 START, END = "<!-- study:start -->", "<!-- study:end -->"
 RULE_LABELS = {"topk": "TopK", "feature-choice": "FC", "feature-choice-zipf": "FC Zipf s=1",
-               "mutual-choice": "MC"}
+               "feature-choice-zipf-floor": "FC Zipf s=1, floor 1", "mutual-choice": "MC"}
 AUX_LABELS = {"none": "none", "k": "aux_k", "zipf": "aux_zipf"}
-BATCH_RULES = ("feature-choice", "feature-choice-zipf", "mutual-choice")
+BATCH_RULES = ("feature-choice", "feature-choice-zipf", "feature-choice-zipf-floor", "mutual-choice")
 PARETO_FIGURE, DEAD_FIGURE = "study_pareto.png", "study_dead.png"
 
 

@@ -14,11 +14,13 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from test_sae_train import small_config, tiny_config
 
 import allocation
-from allocation import Constraints
+from allocation import Constraints, zipf
 from allocation.errors import AllocationError
 from allocation.sae import (
     CheckpointError,
@@ -170,6 +172,51 @@ def test_zipf_capacities_sum_to_the_budget_and_follow_j_to_the_minus_s():
     assert int(steep.sum()) == 64 * 100 and int(steep.max()) == 100 and int(steep[0]) == 100
     with pytest.raises(AllocationError, match="give k with it"):
         FeatureChoice(m=3, zipf_capacities=1.0)
+
+
+@settings(max_examples=80)
+@given(n_tokens=st.integers(1, 64), n_features=st.integers(1, 96), k=st.integers(1, 16),
+       s=st.sampled_from([0.0, 0.5, 1.0, 2.0]), floor=st.integers(1, 6))
+def test_zipf_capacities_with_a_floor_are_zipf_water_filled_between_the_floor_and_n(n_tokens, n_features, k, s,
+                                                                                    floor):
+    """m_j = min(max(c j^-s, f), n) up to rounding, f = min(floor, k n // F): the sum is exactly k n
+    (as far as F n allows), no feature below f, non-increasing in j, and where no feature is below f
+    without the floor, the floor changes nothing."""
+    k = min(k, n_features)
+    budget = k * n_tokens
+    caps = FeatureChoice(k=k, zipf_capacities=s, min_capacity=floor).capacity(n_tokens, n_features)
+    plain = FeatureChoice(k=k, zipf_capacities=s).capacity(n_tokens, n_features)
+    least = min(floor, budget // n_features)
+    assert int(caps.sum()) == budget
+    assert int(caps.min()) >= least and int(caps.max()) <= n_tokens
+    assert bool((caps[:-1] >= caps[1:]).all())
+    real = zipf.water_fill(zipf.zipf_weights(n_features, s), float(budget), float(n_tokens))
+    if float(real.min()) >= least:  # the floor does not bind: the plain Zipf capacities, up to rounding
+        assert int((caps - plain).abs().max()) <= 1
+    else:  # entries strictly between the floor and n follow c j^-s
+        filled = zipf.water_fill_between(zipf.zipf_weights(n_features, s), float(budget), float(least),
+                                         float(n_tokens))
+        assert float(filled.sum()) == pytest.approx(budget, rel=1e-9)
+        assert int((caps - filled).abs().max()) <= 1
+
+
+def test_a_capacity_floor_opens_the_zipf_tail_of_a_small_batch():
+    """F = 2048, k = 8, n = 512 (the study's setting): s = 1 leaves 864 features with capacity 0, which
+    can never fire; a floor of 1 gives every feature a token per batch and keeps the head Zipf-shaped."""
+    plain = FeatureChoice(k=8, zipf_capacities=1.0).capacity(512, 2048)
+    floored = FeatureChoice(k=8, zipf_capacities=1.0, min_capacity=1).capacity(512, 2048)
+    assert int((plain == 0).sum()) == 864 and int((floored == 0).sum()) == 0
+    assert int(floored.sum()) == int(plain.sum()) == 8 * 512
+    head = floored[:50].double()
+    assert float((head - head[0] / torch.arange(1, 51)).abs().max()) <= 1.0  # m_j = m_1 / j, rounded
+    config = small_config("feature-choice", zipf_capacities=1.0, min_capacity=1, n_features=512, batch_size=128)
+    rule = Trainer(config, "synthetic").sae.rule  # the TrainConfig field (the --min-capacity flag) reaches the rule
+    assert rule == FeatureChoice(k=config.k, zipf_capacities=1.0, min_capacity=1)
+    assert rule_from_dict(json.loads(json.dumps(rule.to_dict()))) == rule  # as checkpoints save it
+    with pytest.raises(AllocationError, match="give zipf_capacities with it"):
+        FeatureChoice(k=8, min_capacity=1)
+    with pytest.raises(AllocationError, match="min_capacity must be >= 1"):
+        FeatureChoice(k=8, zipf_capacities=1.0, min_capacity=0)
 
 
 def test_zipf_feature_choice_trains_and_its_eval_l0_matches_the_budget():

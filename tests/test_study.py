@@ -28,7 +28,8 @@ def quick(tmp_path_factory):
 
 def test_quick_study_writes_every_run_of_every_part_with_its_metrics(quick):
     out, _ = quick
-    for part, count in (("grid", 12), ("ksweep", 8), ("synthetic", 12), ("confirm", 8)):
+    rules = len(study.RULES)  # every rule: TopK, FC, FC Zipf, FC Zipf with a capacity floor, MC
+    for part, count in (("grid", 3 * rules), ("ksweep", 2 * rules), ("synthetic", 3 * rules), ("confirm", 2 * rules)):
         payload = json.loads((out / f"study_{part}_cpu.json").read_text())
         assert payload["complete"] and payload["part"] == part and len(payload["runs"]) == count
         assert len({run["key"] for run in payload["runs"]}) == count

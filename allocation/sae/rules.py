@@ -210,12 +210,16 @@ class FeatureChoice(Rule):
     allow, so the budget matches TopK(k)), ``m`` (the same capacity for every feature), or
     ``capacities`` (one per feature, per batch). ``zipf_capacities=s`` with ``k``: m_j ~ j^-s,
     water-filled under n and rounded by largest remainders to sum to exactly k n.
+    ``min_capacity=c`` with ``zipf_capacities``: every m_j is at least min(c, floor(k n / F)) (the
+    Zipf shape above that floor), so that no tail feature gets capacity 0 where k n / F >= c; without
+    it, at s = 1 a tail feature's share of a small batch rounds to 0 and it can never fire.
     """
 
     k: Optional[int] = None
     m: Optional[int] = None
     capacities: Optional[Sequence[int]] = None
     zipf_capacities: Optional[float] = None
+    min_capacity: Optional[int] = None
     name: ClassVar[str] = "feature-choice"
 
     def __post_init__(self) -> None:
@@ -243,6 +247,11 @@ class FeatureChoice(Rule):
             if self.k is None:
                 raise AllocationError("zipf_capacities shapes the budget k n: give k with it, not m or capacities")
             object.__setattr__(self, "zipf_capacities", float(s))
+        if self.min_capacity is not None:
+            if self.zipf_capacities is None:
+                raise AllocationError("min_capacity is a floor under Zipf capacities: "
+                                      "give zipf_capacities with it")
+            object.__setattr__(self, "min_capacity", positive_int(self.min_capacity, "min_capacity"))
 
     def validate(self, n_features: int) -> None:
         _k_within(self.k, n_features)
@@ -259,7 +268,8 @@ class FeatureChoice(Rule):
         for the first (k n mod F) features; with ``zipf_capacities`` they are Zipf-shaped instead.
         """
         if self.k is not None and self.zipf_capacities is not None:
-            return _zipf_capacities(n_tokens, n_features, self.k * n_tokens, self.zipf_capacities).clone()
+            return _zipf_capacities(n_tokens, n_features, self.k * n_tokens, self.zipf_capacities,
+                                    self.min_capacity or 0).clone()
         if self.k is not None:
             base, extra = divmod(self.k * n_tokens, n_features)
             if extra == 0:
@@ -276,8 +286,8 @@ class FeatureChoice(Rule):
 
 
 @functools.lru_cache(maxsize=16)
-def _zipf_capacities(n_tokens: int, n_features: int, budget: int, s: float) -> Tensor:
-    return zipf_capacities(n_tokens, n_features, budget, s)
+def _zipf_capacities(n_tokens: int, n_features: int, budget: int, s: float, floor: int) -> Tensor:
+    return zipf_capacities(n_tokens, n_features, budget, s, floor)
 
 
 @register_rule

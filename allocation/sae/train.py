@@ -116,7 +116,7 @@ def option(default: Any = None, help: str = "", *, factory: Optional[Callable[[]
     return field(default=default, metadata=metadata)
 
 
-RULE_OPTION_FIELDS = ("zipf_capacities", "per_token", "per_feature", "total")
+RULE_OPTION_FIELDS = ("zipf_capacities", "min_capacity", "per_token", "per_feature", "total")
 """TrainConfig fields that are options of the rule itself (passed to make_rule when set)."""
 
 
@@ -131,6 +131,9 @@ class TrainConfig:
                     "(feature-choice, mutual-choice; custom without --total)")
     zipf_capacities: Optional[float] = option(
         None, "feature-choice: Zipf-shaped capacities m_j ~ j^-S summing to k n per batch (S >= 0)", metavar="S")
+    min_capacity: Optional[int] = option(
+        None, "feature-choice with --zipf-capacities: every feature's capacity is at least min(C, k n / F) "
+        "tokens per batch (default 0: a tail feature's share can round to 0, and it never fires)", metavar="C")
     per_token: Optional[int] = option(None, "custom: at most K features per token", metavar="K")
     per_feature: Optional[int] = option(None, "custom: at most M tokens per feature, per batch", metavar="M")
     total: Optional[int] = option(None, "custom: at most B entries per batch (replaces the budget k n)", metavar="B")
