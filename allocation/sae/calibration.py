@@ -53,7 +53,7 @@ def calibrated_thresholds(sae, activations: Tensor, target_l0: float) -> Optiona
     selection = thresholds.select(pre, constraints, sae.pricing)
     code = SparseCode.from_mask(pre, selection.mask)
     return thresholds.batch_prices(pre, selection.mask, code.feature_index, code.values, constraints,
-                                   sae.pricing, selection.prices)
+                                   sae.pricing, selection.prices, frontier=selection.frontier)
 
 
 def calibrate_thresholds(sae, activations: Tensor, target_l0: Optional[float] = None) -> dict:
