@@ -164,6 +164,28 @@ def test_cache_is_reused_and_keyed_by_every_input(tiny, tmp_path, monkeypatch):
     assert before.metadata["cache_key"] != after.metadata["cache_key"]
 
 
+def test_a_cache_hit_loads_no_model_when_layer_and_max_length_are_given(tiny, tmp_path, monkeypatch):
+    """Regression: every cached load used to load the model first (8-17 s for MiniLM) only to key the cache."""
+    from allocation.sae import hf
+
+    options = dict(model=tiny["gpt2"], layer=1, text=tiny["corpus"], n_tokens=60, max_length=16, cache_dir=tmp_path)
+    first = load_activations("hf", **options)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("loaded the model")
+
+    monkeypatch.setattr(hf, "load_hf_model", no_model)
+    again = load_activations("hf", **options)
+    assert again.metadata["cache_key"] == first.metadata["cache_key"]
+    np.testing.assert_array_equal(np.asarray(again.array), np.asarray(first.array))
+    for needs_the_model in (dict(options, layer=None), dict(options, max_length=None), dict(options, rebuild=True),
+                            dict(options, layer=2)):  # defaults come from the model; a miss extracts
+        with pytest.raises(AssertionError, match="loaded the model"):
+            load_activations("hf", **needs_the_model)
+    with pytest.raises(AllocationError, match="device must be a torch device"):
+        load_activations("hf", **options, device="gpu0")
+
+
 def test_jsonl_directory_and_list_corpora(tiny, tmp_path):
     from hf_tiny import corpus_lines
 

@@ -663,6 +663,43 @@ def read_tokens(path: Path) -> Optional[np.ndarray]:
     return np.memmap(file, dtype=np.int32, mode="r").reshape(-1, 2)
 
 
+def _cache_location(model_path: Path, corpus, layer: int, site: str, n_tokens: int, max_length: int,
+                    keep_special_tokens: bool, text_field: str, dtype: str, model_dtype: str,
+                    cache_dir: Optional[PathLike], cache_prefix: Optional[str]) -> tuple[Path, dict, str]:
+    """The cache file of an extraction, its key fields and its key (sha256 of the fields)."""
+    key_fields = {
+        "model": model_fingerprint(model_path),
+        "corpus": corpus_fingerprint(corpus),
+        "layer": layer,
+        "site": site,
+        "n_tokens": n_tokens,
+        "max_length": max_length,
+        "keep_special_tokens": bool(keep_special_tokens),
+        "text_field": text_field,
+        "dtype": dtype,
+        "model_dtype": model_dtype,
+    }
+    cache_key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    stem = cache_prefix or f"hf-{''.join(c if c.isalnum() or c in '-_.' else '_' for c in model_path.name)}"
+    path = cache_dir / f"{stem}_{site}{layer}_{n_tokens}tok_len{max_length}_{cache_key[:16]}.{DTYPES[dtype]}"
+    return path, key_fields, cache_key
+
+
+def _cache_label(name: Optional[str], model_path: Path, site: str, layer: int, path: Path) -> str:
+    return name or f"{model_path.name} {site} layer {layer} activations {str(path)!r}"
+
+
+def _read_cache(path: Path, name: Optional[str], model_path: Path, site: str, layer: int,
+                heldout_fraction: float) -> Optional[ArraySource]:
+    """The cached activations at ``path`` (memory-mapped), or None when any of its three files is missing."""
+    if not (path.exists() and sidecar_for(path).exists() and tokens_path(path).exists()):
+        return None
+    label = _cache_label(name, model_path, site, layer, path)
+    array, sidecar = read_memmap(path, label)
+    return ArraySource(array, heldout_fraction=heldout_fraction, name=label, metadata=sidecar)
+
+
 def hf_activations(
     model: Optional[PathLike] = None,
     layer: Optional[int] = None,
@@ -697,7 +734,7 @@ def hf_activations(
     """
     if model is None:
         raise AllocationError("data='hf' needs model=PATH (a local transformers model directory)")
-    check_model_dir(model)
+    model_path = check_model_dir(model)
     if text is None:
         raise AllocationError(
             "data='hf' needs text=FILE_OR_DIR (a .txt/.jsonl file, a directory of them or a "
@@ -710,6 +747,23 @@ def hf_activations(
     if dtype not in DTYPES:
         raise AllocationError(f"dtype must be one of {sorted(DTYPES)} (the cache's storage), got {dtype!r}")
     corpus = check_corpus(text)
+    if model_dtype not in MODEL_DTYPES:
+        raise AllocationError(f"model_dtype must be one of {MODEL_DTYPES}, got {model_dtype!r}")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise AllocationError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from error
+    location = dict(model_path=model_path, corpus=corpus, site=site, n_tokens=n_tokens,
+                    keep_special_tokens=keep_special_tokens, text_field=text_field, dtype=dtype,
+                    model_dtype=model_dtype, cache_dir=cache_dir, cache_prefix=cache_prefix)
+    known = site in SITES and isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) and layer >= 0
+    if not rebuild and known and max_length is not None:
+        # a cache is written only after the model passed the layer, site and max_length checks with these
+        # inputs, so a hit needs neither the model (seconds to load) nor the checks
+        path, _, _ = _cache_location(layer=int(layer), max_length=max_length, **location)
+        cached = _read_cache(path, name, model_path, site, int(layer), heldout_fraction)
+        if cached is not None:
+            return cached
     hf = load_hf_model(model, model_dtype)
     if layer is None:
         layer = hf.n_layers // 2
@@ -729,28 +783,14 @@ def hf_activations(
     except (RuntimeError, TypeError) as error:
         raise AllocationError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from error
 
-    key_fields = {
-        "model": model_fingerprint(hf.path),
-        "corpus": corpus_fingerprint(corpus),
-        "layer": layer,
-        "site": site,
-        "n_tokens": n_tokens,
-        "max_length": max_length,
-        "keep_special_tokens": bool(keep_special_tokens),
-        "text_field": text_field,
-        "dtype": dtype,
-        "model_dtype": model_dtype,
-    }
-    cache_key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    stem = cache_prefix or f"hf-{''.join(c if c.isalnum() or c in '-_.' else '_' for c in hf.path.name)}"
-    path = cache_dir / f"{stem}_{site}{layer}_{n_tokens}tok_len{max_length}_{cache_key[:16]}.{DTYPES[dtype]}"
-    label = name or f"{hf.path.name} {site} layer {layer} activations {str(path)!r}"
-    if not rebuild and path.exists() and sidecar_for(path).exists() and tokens_path(path).exists():
-        array, sidecar = read_memmap(path, label)
-        return ArraySource(array, heldout_fraction=heldout_fraction, name=label, metadata=sidecar)
+    path, key_fields, cache_key = _cache_location(layer=layer, max_length=max_length, **location)
+    label = _cache_label(name, model_path, site, layer, path)
+    if not rebuild:
+        cached = _read_cache(path, name, model_path, site, layer, heldout_fraction)
+        if cached is not None:
+            return cached
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
     temporary_tokens = path.with_name(f"{path.name}{TOKENS_SUFFIX}.tmp{os.getpid()}")
     described = corpus_name or _describe_corpus(corpus)
