@@ -39,31 +39,23 @@ def select_top(scores: Tensor, count: Union[int, Tensor], dim: Optional[int]) ->
     return _selection.select_top_plain(scores, count, dim)
 
 
-def select_per_column(scores: Tensor, count: Union[int, Tensor], reach: Optional[Tensor] = None
-                      ) -> tuple[Tensor, Optional[_selection.ColumnFrontier]]:
-    """``select_top(scores, count, dim=0)`` and, where the blocked path chose, the candidates it chose from.
+def select_priced(scores: Tensor, count: Union[int, Tensor], dim: Optional[int], reach: Optional[Tensor] = None
+                  ) -> tuple[Tensor, Optional[_selection.ColumnFrontier]]:
+    """``select_top(scores, count, dim)`` per column (dim 0) or overall (None) and, where the blocked
+    path chose, the candidates it chose from, priced (``allocation._selection.ColumnFrontier``).
 
-    ``reach`` (F,): list the entries above it too where that is cheap (``_selection.top_per_column_frontier``).
+    ``reach`` ((F,) per column, a scalar overall): list the entries above it too where that is cheap.
     """
-    if _selection.blocked_pays(scores.numel(), 0):
-        found = _selection.top_per_column_frontier(
-            scores.detach().contiguous(), _selection.count_vector(count, scores.shape[1], scores.device), reach)
+    if _selection.blocked_pays(scores.numel(), dim):
+        scores_ = scores.detach().contiguous()
+        if dim == 0:
+            counts = _selection.count_vector(count, scores.shape[1], scores.device)
+            found = _selection.top_per_column_frontier(scores_, counts, reach)
+        else:
+            found = _selection.top_overall_frontier(scores_, int(count), reach)
         if found is not None:
             return found
-    return _selection.select_top_plain(scores, count, 0), None
-
-
-def select_overall(scores: Tensor, total: int, reach: Optional[Tensor] = None
-                   ) -> tuple[Tensor, Optional[_selection.ColumnFrontier]]:
-    """``select_top(scores, total, dim=None)`` and, where the blocked path chose, the candidates it chose from.
-
-    ``reach`` (a scalar): list the entries above it too where that is cheap (``_selection.top_overall_frontier``).
-    """
-    if _selection.blocked_pays(scores.numel(), None):
-        found = _selection.top_overall_frontier(scores.detach().contiguous(), int(total), reach)
-        if found is not None:
-            return found
-    return _selection.select_top_plain(scores, total, None), None
+    return _selection.select_top_plain(scores, count, dim), None
 
 
 def _cap_for_torch(cap: CapLike, name: str, length: int, axis: str, most: int) -> Union[int, Tensor]:

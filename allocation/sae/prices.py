@@ -5,10 +5,10 @@ budget (Mutual Choice), one price per feature for feature caps (Feature Choice).
 the smallest kept and the largest dropped score of the slice is an optimal dual; we take the
 midpoint (the dropped side clipped at 0: only positive scores are kept), and 0 where the cap is slack.
 
-The passes over the (n, F) matrix run in row chunks. Feature Choice's blocked selection hands over
-the candidates it chose from (``allocation._selection.ColumnFrontier``: every entry of a column down
-to a floor just below its largest dropped score), which replaces the largest-dropped pass and the
-count of most columns.
+The passes over the (n, F) matrix run in row chunks. The blocked Feature and Mutual Choice selections
+hand over the candidates they chose from (``allocation._selection.ColumnFrontier``: every entry of a
+column down to a floor just below the largest dropped score), which replaces the largest-dropped
+pass and the count of most columns.
 """
 
 from __future__ import annotations

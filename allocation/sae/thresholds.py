@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .._selection import ColumnFrontier
 from ..constraints import Constraints
 from ..errors import AllocationError
-from ..rules import _as_count, allocate_unchecked, select_overall, select_per_column, select_top
+from ..rules import _as_count, allocate_unchecked, select_priced, select_top
 from .distributed import LOCAL, BatchScope
 from .prices import budget_price, count_above_per_column, feature_prices
 
@@ -73,10 +73,11 @@ def select(pre: Tensor, constraints: Constraints, kind: str, scope: BatchScope =
         solution, rows = scope.solve_mixed(pre, constraints)
         return Selection(solution.mask if rows is None else rows, solution.feature_prices + solution.budget_price)
     if kind == "feature" and constraints.total is None and not scope.is_global:
-        mask, frontier = select_per_column(pre, _as_count(constraints.resolve(*pre.shape).per_feature), reach)
+        mask, frontier = select_priced(pre, _as_count(constraints.resolve(*pre.shape).per_feature), 0, reach)
         return Selection(mask, frontier=frontier)
     if kind == "budget" and not scope.is_global:
-        mask, frontier = select_overall(pre, constraints.resolve(*pre.shape).total, None if reach is None else reach[0])
+        mask, frontier = select_priced(pre, constraints.resolve(*pre.shape).total, None,
+                                       None if reach is None else reach[0])
         return Selection(mask, frontier=frontier)
     return Selection(scope.allocate(pre, constraints))
 
