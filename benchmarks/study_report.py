@@ -207,7 +207,8 @@ def zero_capacity_note(table: dict, setting: dict) -> list[str]:
             "Zipf capacities m_j ∝ j^-s rounded to integers give the tail ranks no token, so those features can "
             "never fire in training and count as dead there, whatever the auxiliary loss does (as trained their "
             "thresholds keep them closed; calibrated on more tokens than a batch, their rescaled caps can reopen "
-            "them).", ""]
+            "them). A capacity floor (`--min-capacity 1`, the 'floor 1' rows) gives every feature a token per batch.",
+            ""]
 
 
 def recovery_lines(table: dict) -> list[str]:
