@@ -21,12 +21,17 @@ def zipf_weights(n: int, s: float, device=None) -> Tensor:
     return torch.arange(1, n + 1, dtype=torch.float64, device=device).pow(-float(s))
 
 
-def water_fill(weights: Tensor, total: float, cap: Optional[float] = None) -> Tensor:
-    """t_j = min(c w_j, cap) summing to ``total`` for non-increasing ``weights`` (float64); cap None: c w_j.
+def water_fill(weights: Tensor, total: float, cap: Optional[float] = None, floor: float = 0.0) -> Tensor:
+    """t_j = min(max(c w_j, floor), cap) summing to ``total`` for non-increasing ``weights`` (float64).
 
-    When the first j entries sit at the cap, c = (total - j cap) / sum_{r > j} w_r; j is the first
-    index where c w_j fits under the cap. ``total >= cap * len`` gives every entry the cap.
+    cap None: no cap. Without a floor: when the first j entries sit at the cap, c = (total - j cap) /
+    sum_{r > j} w_r, j the first index where c w_j fits under the cap; ``total >= cap * len`` gives
+    every entry the cap. With a floor (> 0, a cap required): ``_water_fill_between``.
     """
+    if floor > 0:
+        if cap is None:
+            raise AllocationError("water_fill with a floor needs a cap")
+        return _water_fill_between(weights, total, floor, cap)
     weights = weights.to(torch.float64)
     n = weights.numel()
     if n == 0:
@@ -59,7 +64,7 @@ def largest_remainders(real: Tensor, total: int) -> Tensor:
     return base.to(torch.int64)
 
 
-def water_fill_between(weights: Tensor, total: float, floor: float, cap: float) -> Tensor:
+def _water_fill_between(weights: Tensor, total: float, floor: float, cap: float) -> Tensor:
     """t_j = min(max(c w_j, floor), cap) summing to ``total`` (float64), floor * len <= total <= cap * len.
 
     The sum is continuous and non-decreasing in c, so c is found by bisection (to float64 resolution).
@@ -93,9 +98,5 @@ def zipf_capacities(n_tokens: int, n_features: int, budget: int, s: float, floor
     if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
         raise AllocationError(f"floor must be an integer >= 0, got {floor!r}")
     least = min(floor, budget // n_features)
-    weights = zipf_weights(n_features, s)
-    if least == 0:
-        real = water_fill(weights, float(budget), float(n_tokens))
-    else:
-        real = water_fill_between(weights, float(budget), float(least), float(n_tokens))
+    real = water_fill(zipf_weights(n_features, s), float(budget), float(n_tokens), floor=float(least))
     return largest_remainders(real, budget).clamp_(0, n_tokens)

@@ -194,8 +194,7 @@ def test_zipf_capacities_with_a_floor_are_zipf_water_filled_between_the_floor_an
     if float(real.min()) >= least:  # the floor does not bind: the plain Zipf capacities, up to rounding
         assert int((caps - plain).abs().max()) <= 1
     else:  # entries strictly between the floor and n follow c j^-s
-        filled = zipf.water_fill_between(zipf.zipf_weights(n_features, s), float(budget), float(least),
-                                         float(n_tokens))
+        filled = zipf.water_fill(zipf.zipf_weights(n_features, s), float(budget), float(n_tokens), floor=float(least))
         assert float(filled.sum()) == pytest.approx(budget, rel=1e-9)
         assert int((caps - filled).abs().max()) <= 1
 

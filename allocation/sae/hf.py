@@ -663,13 +663,15 @@ def read_tokens(path: Path) -> Optional[np.ndarray]:
     return np.memmap(file, dtype=np.int32, mode="r").reshape(-1, 2)
 
 
-def _cache_location(model_path: Path, corpus, layer: int, site: str, n_tokens: int, max_length: int,
+def _cache_location(model_path: Path, fingerprints: dict, layer: int, site: str, n_tokens: int, max_length: int,
                     keep_special_tokens: bool, text_field: str, dtype: str, model_dtype: str,
                     cache_dir: Optional[PathLike], cache_prefix: Optional[str]) -> tuple[Path, dict, str]:
-    """The cache file of an extraction, its key fields and its key (sha256 of the fields)."""
+    """The cache file of an extraction, its key fields and its key (sha256 of the fields).
+
+    ``fingerprints``: {"model": model_fingerprint, "corpus": corpus_fingerprint}, hashed once per call.
+    """
     key_fields = {
-        "model": model_fingerprint(model_path),
-        "corpus": corpus_fingerprint(corpus),
+        **fingerprints,
         "layer": layer,
         "site": site,
         "n_tokens": n_tokens,
@@ -753,7 +755,8 @@ def hf_activations(
         torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise AllocationError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from error
-    location = dict(model_path=model_path, corpus=corpus, site=site, n_tokens=n_tokens,
+    fingerprints = {"model": model_fingerprint(model_path), "corpus": corpus_fingerprint(corpus)}
+    location = dict(model_path=model_path, fingerprints=fingerprints, site=site, n_tokens=n_tokens,
                     keep_special_tokens=keep_special_tokens, text_field=text_field, dtype=dtype,
                     model_dtype=model_dtype, cache_dir=cache_dir, cache_prefix=cache_prefix)
     known = site in SITES and isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) and layer >= 0
